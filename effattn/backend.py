@@ -1,0 +1,221 @@
+"""The backend contract: what every attention backend declares, how it is called, and how it shows
+what it attends to.
+
+A backend is a frozen dataclass whose fields are its options (``window``, ``block_size``, ...),
+registered with :func:`effattn.register_backend`. Its capabilities are class attributes, so a sweep
+can explain a skip before it builds any tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from effattn._validate import resolve_scale, validate_flag, validate_key_padding_mask, validate_qkv
+from effattn.ops import attention_flops, keep_mask, pair_count
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """What a backend attended over for given inputs, as dense tensors (tests and pictures only).
+
+    mask:   (B or 1, H or 1, Nq, Nk) bool; True = the pair was computed. Includes causality and
+            key padding.
+    weight: None, or float of the mask's shape: how many times a pair counts (LSH meets a pair in
+            several hash rounds); absent = 1.
+    bias:   None, or float of the mask's shape: an additive score term (Transformer-XL's
+            relative positions); absent = 0.
+    key:    None, or (B, H, Nk, D): the keys actually scored when the backend replaces ``k``
+            (shared-QK LSH scores against unit-normalised queries); absent = ``k``.
+
+    The contract: with ``s = scale * q @ key^T``, the backend's output row i is
+    ``sum_j m_ij w_ij exp(s_ij + b_ij) v_j / sum_j m_ij w_ij exp(s_ij + b_ij)``,
+    and zero where row i keeps no key.
+    """
+
+    mask: Tensor
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    key: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Base class of every attention backend. Subclasses are frozen dataclasses (their fields are
+    the options) registered with :func:`effattn.register_backend`, and implement :meth:`forward`
+    and, if they attend to fewer pairs than dense attention, :meth:`pattern` and :meth:`flops`.
+    """
+
+    name: ClassVar[str] = ""  # set by register_backend
+    exact: ClassVar[bool] = True  # equals dense softmax attention (over the keep-mask)?
+    supports_causal: ClassVar[bool] = True
+    supports_padding_mask: ClassVar[bool] = True
+    supports_backward: ClassVar[bool] = True
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    )
+    complexity: ClassVar[str] = "O(N^2)"  # time, as in Tay et al.'s survey table
+    memory_complexity: ClassVar[str] = "O(N^2)"  # extra memory beyond q, k, v and the output
+    tay_class: ClassVar[str] = "-"  # FP, LP, LR, KR, M, RC, DS (Tay et al.); "-" for exact dense
+    description: ClassVar[str] = ""
+
+    # -- the call ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Attention over q: (B, H, Nq, D), k, v: (B, H, Nk, D); returns (B, H, Nq, D).
+
+        key_padding_mask: (B, Nk) bool, True = the key takes part (SDPA's convention).
+        causal: the last query is aligned with the last key (see effattn.patterns.causal).
+        scale: the softmax scale, 1/sqrt(D) when None.
+        """
+        validate_qkv(q, k, v)
+        validate_flag("causal", causal)
+        validate_key_padding_mask(key_padding_mask, q, k)
+        resolved = resolve_scale(scale, q.shape[-1])
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        reasons = self.not_supported_reasons(
+            device=q.device.type,
+            dtype=q.dtype,
+            causal=causal,
+            padding_mask=key_padding_mask is not None,
+            backward=needs_grad,
+            head_dim=q.shape[-1],
+        )
+        if reasons:
+            raise ValueError(f"backend {self.name!r} cannot run this call: " + "; ".join(reasons))
+        return self.forward(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=resolved
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        scale: float,
+    ) -> Tensor:
+        """The computation, on inputs already checked by :meth:`__call__`."""
+        raise NotImplementedError
+
+    # -- declarations -----------------------------------------------------------------------
+    def not_supported_reasons(
+        self,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        causal: bool = False,
+        padding_mask: bool = False,
+        backward: bool = False,
+        head_dim: int | None = None,
+    ) -> list[str]:
+        """Why this backend cannot run such a call, in words a user understands; [] if it can."""
+        reasons = []
+        if device not in self.devices:
+            reasons.append(f"device={device} (supported: {', '.join(self.devices)})")
+        if dtype not in self.dtypes:
+            names = ", ".join(dtype_name(d) for d in self.dtypes)
+            reasons.append(f"dtype={dtype_name(dtype)} (supported: {names})")
+        if causal and not self.supports_causal:
+            reasons.append("causal=True (this backend is bidirectional only)")
+        if padding_mask and not self.supports_padding_mask:
+            reasons.append("key_padding_mask (not supported by this backend)")
+        if backward and not self.supports_backward:
+            reasons.append("backward (this backend is forward-only)")
+        return reasons
+
+    def flops(
+        self,
+        batch: int,
+        heads: int,
+        q_len: int,
+        kv_len: int,
+        head_dim: int,
+        *,
+        causal: bool = False,
+    ) -> int:
+        """Forward FLOPs: 4*B*H*D per computed (query, key) pair. Dense by default (causal counts
+        the pairs it keeps); sparse backends count only the pairs or blocks they compute."""
+        return attention_flops(batch, heads, head_dim, pair_count(q_len, kv_len, causal=causal))
+
+    def pattern(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+    ) -> Pattern:
+        """The pairs this backend attends over for these inputs (dense: for tests and pictures).
+        The default is the dense pattern: every pair allowed by causality and key padding."""
+        validate_qkv(q, k, v)
+        validate_key_padding_mask(key_padding_mask, q, k)
+        batch, heads, q_len, _ = q.shape
+        kv_len = k.shape[2]
+        keep = keep_mask(
+            batch, q_len, kv_len, causal=causal, key_padding_mask=key_padding_mask, device=q.device
+        )
+        if keep is None:
+            keep = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=q.device)
+        return Pattern(mask=keep.expand(keep.shape[0], 1, q_len, kv_len))
+
+    # -- introspection ----------------------------------------------------------------------
+    @classmethod
+    def option_fields(cls) -> tuple[dataclasses.Field, ...]:
+        """The backend's options: the dataclass fields, with their defaults."""
+        return dataclasses.fields(cls)
+
+    def options(self) -> dict[str, Any]:
+        """This instance's option values."""
+        return {f.name: getattr(self, f.name) for f in self.option_fields()}
+
+    @classmethod
+    def declaration(cls) -> dict[str, Any]:
+        """What the backend declares, as one flat record (for `effattn list` and report tables)."""
+        return {
+            "backend": cls.name,
+            "exact": cls.exact,
+            "causal": cls.supports_causal,
+            "padding_mask": cls.supports_padding_mask,
+            "backward": cls.supports_backward,
+            "devices": ",".join(cls.devices),
+            "dtypes": ",".join(dtype_name(d) for d in cls.dtypes),
+            "complexity": cls.complexity,
+            "memory": cls.memory_complexity,
+            "class": cls.tay_class,
+            "options": ", ".join(
+                f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+                for f in dataclasses.fields(cls)
+            ),
+            "description": cls.description,
+        }

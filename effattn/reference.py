@@ -1,0 +1,37 @@
+"""The readable dense computation that every backend's output must equal (see ``Pattern``).
+
+Quadratic in memory on purpose: it is used for attention weights (``need_weights=True``), for
+the error of approximate backends, and for pictures, never on a fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from effattn.backend import Pattern
+from effattn.ops import masked_softmax
+
+
+def pattern_probabilities(q: Tensor, k: Tensor, pattern: Pattern, scale: float) -> Tensor:
+    """Attention probabilities (B, H, Nq, Nk) of dense softmax restricted to ``pattern``.
+
+    q: (B, H, Nq, D), k: (B, H, Nk, D). Pair weights multiply exp(score), i.e. add log(weight)
+    to the score; rows that keep no key are all zero. Computed in float32 or wider.
+    """
+    key = k if pattern.key is None else pattern.key
+    wide = q.dtype if q.element_size() >= 4 else torch.float32
+    scores = (q.to(wide) @ key.to(wide).transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    if pattern.bias is not None:
+        scores = scores + pattern.bias
+    keep = pattern.mask
+    if pattern.weight is not None:
+        keep = keep & (pattern.weight > 0)
+        scores = scores + pattern.weight.clamp_min(1e-30).log()
+    return masked_softmax(scores, keep)
+
+
+def pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
+    """Dense attention restricted to ``pattern``: (B, H, Nq, D), in the dtype of ``v``."""
+    probs = pattern_probabilities(q, k, pattern, scale)
+    return (probs @ v.to(probs.dtype)).to(v.dtype)

@@ -1,0 +1,10 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Each test starts from the same seed; two threads match the project's CI machine."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    yield
