@@ -64,6 +64,7 @@ class Backend:
     name: ClassVar[str] = ""  # set by register_backend
     exact: ClassVar[bool] = True  # equals dense softmax attention (over the keep-mask)?
     supports_causal: ClassVar[bool] = True
+    supports_bidirectional: ClassVar[bool] = True  # False for inherently causal ones (recurrence)
     supports_padding_mask: ClassVar[bool] = True
     supports_backward: ClassVar[bool] = True
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
@@ -147,6 +148,8 @@ class Backend:
             reasons.append(f"dtype={dtype_name(dtype)} (supported: {names})")
         if causal and not self.supports_causal:
             reasons.append("causal=True (this backend is bidirectional only)")
+        if not causal and not self.supports_bidirectional:
+            reasons.append("causal=False (this backend is causal only)")
         if padding_mask and not self.supports_padding_mask:
             reasons.append("key_padding_mask (not supported by this backend)")
         if backward and not self.supports_backward:
@@ -180,7 +183,7 @@ class Backend:
         The default is the dense pattern: every pair allowed by causality and key padding."""
         validate_qkv(q, k, v)
         validate_key_padding_mask(key_padding_mask, q, k)
-        batch, heads, q_len, _ = q.shape
+        batch, _, q_len, _ = q.shape
         kv_len = k.shape[2]
         keep = keep_mask(
             batch, q_len, kv_len, causal=causal, key_padding_mask=key_padding_mask, device=q.device
@@ -206,6 +209,7 @@ class Backend:
             "backend": cls.name,
             "exact": cls.exact,
             "causal": cls.supports_causal,
+            "bidirectional": cls.supports_bidirectional,
             "padding_mask": cls.supports_padding_mask,
             "backward": cls.supports_backward,
             "devices": ",".join(cls.devices),
