@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def causal_keep(q_len: int, kv_len: int) -> Tensor:
-    """(Nq, Nk) bool: query i keeps key j iff j - i <= Nk - Nq (the last query sees the last key)."""
+    """(Nq, Nk) bool: query i keeps key j iff j - i <= Nk - Nq (last query sees the last key)."""
     i = torch.arange(q_len, dtype=torch.float64).unsqueeze(1)
     j = torch.arange(kv_len, dtype=torch.float64).unsqueeze(0)
     return (j - i) <= (kv_len - q_len)

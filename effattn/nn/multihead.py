@@ -133,8 +133,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         # Now (B, L, E) and (B, S, E).
         self._warn_about_dropout()
+        keep = _keep_from_padding(key_padding_mask, key.shape[0], key.shape[1])
         q, k, v = self._project(query, key, value)  # (B, H, L, Dh), (B, H, S, Dh) twice
-        keep = _keep_from_padding(key_padding_mask, k.shape[0], k.shape[2], q.dtype)
         k, v, keep = self._append_extra_keys(k, v, keep)
         causal = self._causal_from(attn_mask, is_causal)
 
@@ -236,9 +236,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             self._warned_dropout = True
 
 
-def _keep_from_padding(
-    mask: Tensor | None, batch: int, kv_len: int, dtype: torch.dtype
-) -> Tensor | None:
+def _keep_from_padding(mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
     """nn.MultiheadAttention's key_padding_mask (True / -inf = padding) -> keep (B, S) bool."""
     if mask is None:
         return None
