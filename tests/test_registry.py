@@ -9,16 +9,8 @@ import pytest
 import torch
 
 import effattn
-from effattn.registry import _REGISTRY, parse_option_value
+from effattn.registry import parse_option_value
 from tests.pattern_check import assert_matches_pattern
-
-
-@pytest.fixture
-def scratch_registry():
-    before = dict(_REGISTRY)
-    yield
-    _REGISTRY.clear()
-    _REGISTRY.update(before)
 
 
 def test_builtins_are_listed():
