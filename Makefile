@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint sweep bench clean
+.PHONY: setup test lint sweep bench bench-check clean
 
 setup: $(STAMP)
 
@@ -25,3 +25,17 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
+
+# pytest-benchmark suite (never part of `make test`). EFFATTN_BENCH_N=1024,2048 narrows it.
+BENCH_TOLERANCE ?= 10%
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-group-by=param:n \
+		--benchmark-columns=median,iqr,rounds \
+		--benchmark-autosave --benchmark-storage=reports/bench \
+		--benchmark-json=reports/bench/latest.json
+
+# Fails when any median got slower than the last saved run by more than BENCH_TOLERANCE.
+bench-check: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-group-by=param:n \
+		--benchmark-storage=reports/bench --benchmark-compare \
+		--benchmark-compare-fail=median:$(BENCH_TOLERANCE)

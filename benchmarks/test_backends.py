@@ -1,0 +1,67 @@
+"""pytest-benchmark suite: every registered backend x N x mode, grouped by N (`make bench`).
+
+Each benchmark records its FLOPs, achieved GFLOP/s, peak memory above the inputs, device and
+thread count in extra_info, so a saved JSON is a complete record. Regression gate:
+`make bench-check` compares against the last saved run and fails when a median got slower by
+more than EFFATTN_BENCH_TOLERANCE (default 10%).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effattn
+from benchmarks.settings import DEVICE, SEQ_LENS, THREADS
+from effattn.bench.meters import MIB, peak_memory_cpu, peak_memory_cuda
+
+B, H, D = 1, 8, 64
+MODES = ["fwd", "fwd_bwd"]
+BACKWARD_FLOPS_FACTOR = 2.5  # backward costs 2.5x the forward (FlashAttention's convention)
+
+
+def _case(name: str, n: int, mode: str):
+    backend = effattn.get_backend(name)
+    reasons = backend.not_supported_reasons(
+        device=DEVICE, dtype=torch.float32, causal=False, backward=mode == "fwd_bwd"
+    )
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    q, k, v = (
+        torch.randn(B, H, n, D, device=DEVICE, requires_grad=mode == "fwd_bwd") for _ in range(3)
+    )
+    grad = torch.randn(B, H, n, D, device=DEVICE)
+
+    def run():
+        if mode == "fwd":
+            with torch.no_grad():
+                return backend(q, k, v)
+        out = backend(q, k, v)
+        out.backward(grad)
+        return out
+
+    flops = backend.flops(B, H, n, n, D)
+    if mode == "fwd_bwd":
+        flops = int(flops * (1 + BACKWARD_FLOPS_FACTOR))
+    return run, flops
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", SEQ_LENS)
+@pytest.mark.parametrize("name", effattn.list_backends())
+def test_attention(benchmark, name: str, n: int, mode: str):
+    run, flops = _case(name, n, mode)
+    run()  # warm-up (and compilation, for backends that compile)
+    peak = peak_memory_cuda(run) if DEVICE == "cuda" else peak_memory_cpu(run)
+    benchmark.extra_info.update(
+        backend=name,
+        n=n,
+        mode=mode,
+        device=DEVICE,
+        threads=THREADS,
+        flops=flops,
+        peak_mem_mib=round(peak / MIB, 2),
+    )
+    benchmark.pedantic(run, rounds=5 if n <= 2048 else 3, warmup_rounds=1)
+    median_s = benchmark.stats.stats.median
+    benchmark.extra_info["gflops_per_s"] = round(flops / median_s / 1e9, 2)
