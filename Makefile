@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The default sweep (preset tay on the best device), measured afresh, then its table and plots
+# into reports/ (shown in the README). SWEEP_DEVICE is read once the venv exists.
+SWEEP_DEVICE ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+SWEEP_RUN ?= tay-$(SWEEP_DEVICE)
+sweep: $(STAMP)
+	$(PY) -m effattn sweep tay --run-id $(SWEEP_RUN) --fresh --quiet
+	$(PY) -m effattn report reports/runs/$(SWEEP_RUN) --format md csv tex html --out reports/$(SWEEP_RUN)
+	$(PY) -m effattn plot reports/runs/$(SWEEP_RUN) --out reports/plots --prefix $(SWEEP_RUN)
+
 lint: $(STAMP)
 	$(PY) -m ruff check effattn kernels tests benchmarks
 	$(PY) -m ruff format --check effattn kernels tests benchmarks

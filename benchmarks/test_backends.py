@@ -13,17 +13,18 @@ import torch
 
 import effattn
 from benchmarks.settings import DEVICE, SEQ_LENS, THREADS
+from effattn.bench.measure import FWD_BWD_FACTOR
 from effattn.bench.meters import MIB, peak_memory_cpu, peak_memory_cuda
 
 B, H, D = 1, 8, 64
 MODES = ["fwd", "fwd_bwd"]
-BACKWARD_FLOPS_FACTOR = 2.5  # backward costs 2.5x the forward (FlashAttention's convention)
 
 
 def _case(name: str, n: int, mode: str):
     backend = effattn.get_backend(name)
+    causal = not backend.supports_bidirectional  # causal-only backends (xl) run causal
     reasons = backend.not_supported_reasons(
-        device=DEVICE, dtype=torch.float32, causal=False, backward=mode == "fwd_bwd"
+        device=DEVICE, dtype=torch.float32, causal=causal, backward=mode == "fwd_bwd"
     )
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -35,28 +36,29 @@ def _case(name: str, n: int, mode: str):
     def run():
         if mode == "fwd":
             with torch.no_grad():
-                return backend(q, k, v)
-        out = backend(q, k, v)
+                return backend(q, k, v, causal=causal)
+        out = backend(q, k, v, causal=causal)
         out.backward(grad)
         return out
 
-    flops = backend.flops(B, H, n, n, D)
+    flops = backend.flops(B, H, n, n, D, causal=causal)
     if mode == "fwd_bwd":
-        flops = int(flops * (1 + BACKWARD_FLOPS_FACTOR))
-    return run, flops
+        flops = int(flops * FWD_BWD_FACTOR)
+    return run, flops, causal
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n", SEQ_LENS)
 @pytest.mark.parametrize("name", effattn.list_backends())
 def test_attention(benchmark, name: str, n: int, mode: str):
-    run, flops = _case(name, n, mode)
+    run, flops, causal = _case(name, n, mode)
     run()  # warm-up (and compilation, for backends that compile)
     peak = peak_memory_cuda(run) if DEVICE == "cuda" else peak_memory_cpu(run)
     benchmark.extra_info.update(
         backend=name,
         n=n,
         mode=mode,
+        causal=causal,
         device=DEVICE,
         threads=THREADS,
         flops=flops,

@@ -7,7 +7,7 @@
 
 from effattn.api import attention
 from effattn.backend import Backend, Pattern
-from effattn.nn import MultiheadAttention
+from effattn.nn import MultiheadAttention, TransformerXLAttention
 from effattn.registry import backend_class, get_backend, list_backends, register_backend
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "Backend",
     "MultiheadAttention",
     "Pattern",
+    "TransformerXLAttention",
     "__version__",
     "attention",
     "backend_class",
@@ -23,3 +24,27 @@ __all__ = [
     "list_backends",
     "register_backend",
 ]
+
+
+def _map_source_kernels() -> None:
+    """From a source tree used without an install (PYTHONPATH=.), map kernels/ to the subpackage
+    effattn.kernels, as setuptools' package-dir mapping does in an installed package."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if "effattn.kernels" in sys.modules or not init.exists():
+        return
+    if importlib.util.find_spec("effattn.kernels") is not None:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "effattn.kernels", init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["effattn.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module  # what the import system does for a found subpackage
+
+
+_map_source_kernels()

@@ -50,3 +50,13 @@ def test_padding_mask_matches_own_pattern(name: str):
         assert_matches_pattern(backend, q, k, v, key_padding_mask=keep)
     if backend.supports_causal:
         assert_matches_pattern(backend, q, k, v, key_padding_mask=keep, causal=True)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_non_contiguous_inputs(name: str):
+    """Callers hand over views: HF models pass (B, N, H, D).transpose(1, 2)."""
+    backend = effattn.get_backend(name)
+    causal = not backend.supports_bidirectional
+    q, k, v = (t.transpose(1, 2) for t in _inputs(1, 70, 3, 3, 8))  # (B, N, H, D) -> (B, H, N, D)
+    assert not q.is_contiguous()
+    assert_matches_pattern(backend, q, k, v, causal=causal)

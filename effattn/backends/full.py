@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from effattn.backend import Backend
-from effattn.ops import keep_mask, masked_softmax
+from effattn.ops import keep_mask
 from effattn.registry import register_backend
 
 
@@ -45,8 +46,15 @@ class FullAttention(Backend):
             key_padding_mask=key_padding_mask,
             device=q.device,
         )
-        scores = (
-            q @ k.transpose(-2, -1)
-        ) * scale  # (B, H, Nq, D) @ (B, H, D, Nk) -> (B, H, Nq, Nk)
-        probs = masked_softmax(scores, keep).to(v.dtype)
-        return probs @ v  # (B, H, Nq, Nk) @ (B, H, Nk, D) -> (B, H, Nq, D)
+        # (B, H, Nq, D) @ (B, H, D, Nk) -> (B, H, Nq, Nk); scaled and masked in place, so the
+        # baseline holds one score matrix and one probability matrix, as a careful vanilla
+        # implementation would.
+        scores = (q @ k.transpose(-2, -1)).mul_(scale)
+        if keep is not None:
+            scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
+        wide = torch.float32 if q.element_size() < 4 else None
+        probs = torch.softmax(scores, dim=-1, dtype=wide).to(v.dtype)
+        out = probs @ v  # (B, H, Nq, Nk) @ (B, H, Nk, D) -> (B, H, Nq, D)
+        if keep is not None:
+            out = out * keep.any(dim=-1, keepdim=True)  # a row that keeps no key gives zeros
+        return out

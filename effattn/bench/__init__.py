@@ -1,1 +1,1 @@
-"""The benchmark engine: sweep specs, worker processes, meters, the results store, reports, plots."""
+"""The benchmark engine: sweep specs, workers, meters, the results store, reports, plots."""

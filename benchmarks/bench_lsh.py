@@ -1,0 +1,297 @@
+"""effattn's `lsh` backend against the two public Reformer LSH attentions, side by side on CPU.
+
+Peers: reformer-pytorch 1.4.4 ``LSHAttention(bucket_size, n_hashes)`` called on (qk, v) of
+shape (B*H, N, D), and HF transformers' ``LSHSelfAttention`` with its two input projections
+replaced (query_key by the identity, value by a module returning v) so that only the attention
+core runs. All three use shared-QK, chunks of ``bucket_size`` attending to themselves and the
+previous chunk, N / bucket_size buckets, no dedup, forward only under ``torch.no_grad()``.
+
+Timings are interleaved (every implementation once per repeat) in one process with the thread
+count pinned; the table gives the median over repeats of each repeat's median, the spread
+(IQR / median), the peer / ours time ratio (median of per-repeat ratios) and the peak memory of
+one call above what was live before it (effattn.bench.meters). Also: our peak memory at a 4x
+longer N, and an alignment check: with one hash round and N = 2 * bucket_size every pair is met
+once, so all three must equal exact shared-QK attention with self-exclusion under their own
+scale (reformer-pytorch: 1/sqrt(D) with unit keys; HF: 1 with unit keys). With several rounds
+the outputs differ by design, not only by the random rotations: both peers sort all rounds into
+one sequence, so the first chunk of round r looks back into the last chunk of round r-1 (which
+can repeat a pair, or the query itself, within the window); effattn keeps rounds apart.
+
+    .venv/bin/python -m benchmarks.bench_lsh                       # N = 4096, 4 and 8 hashes
+    .venv/bin/python -m benchmarks.bench_lsh --n 1024 --repeats 2 --long-n 4096
+    .venv/bin/python -m benchmarks.bench_lsh --backward    # also forward+backward (4 hashes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effattn
+from effattn.backends.lsh import SELF_ATTENTION_BIAS
+from effattn.bench.meters import MIB, peak_memory_cpu, time_cpu
+
+OURS = "effattn_lsh"
+
+
+@dataclass(frozen=True)
+class Row:
+    implementation: str  # effattn_lsh, reformer_pytorch, hf_transformers
+    n: int  # sequence length
+    n_hashes: int  # hash rounds
+    time_ms_median: float  # median over repeats of the per-repeat median call time
+    time_iqr_over_median: float  # median over repeats of IQR / median (0 when a repeat ran once)
+    time_spread_over_median: float  # (max - min) / median of the per-repeat medians
+    time_ratio_vs_ours: float  # median over repeats of (this time / ours)
+    peak_mem_mib: float  # peak memory of one call above what was live before it
+    threads: int  # torch intra-op threads, pinned
+
+
+class _Fixed(nn.Module):
+    """Stands in for HF's value projection: returns the given (B, N, H*D) values."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        super().__init__()
+        self.values = values
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.values
+
+
+def _to_hf(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)  # (B, H, N, D) -> (B, N, H*D)
+
+
+def implementations(
+    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int, scale: float | None
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Calls of each implementation on shared-QK inputs q, v: (B, H, N, D) -> (B, H, N, D).
+    ``scale``: ours; None = 1/sqrt(D) (reformer-pytorch's convention), 1.0 = HF's."""
+    from reformer_pytorch.reformer_pytorch import LSHAttention
+    from transformers import ReformerConfig
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
+    b, h, n, d = q.shape
+    ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
+    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes).eval()
+    config = ReformerConfig(
+        attention_head_size=d,
+        num_attention_heads=h,
+        hidden_size=h * d,
+        lsh_attn_chunk_length=bucket_size,
+        num_buckets=max(2, n // bucket_size),
+        num_hashes=n_hashes,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=False,
+        max_position_embeddings=n,
+        lsh_attention_probs_dropout_prob=0.0,
+    )
+    hf = LSHSelfAttention(config).eval()
+    hf.query_key, hf.value = nn.Identity(), _Fixed(_to_hf(v))
+    qk_flat, v_flat = q.reshape(b * h, n, d), v.reshape(b * h, n, d)  # (B, H, N, D) -> (BH, N, D)
+
+    def run_lucid() -> torch.Tensor:
+        return lucid(qk_flat, v_flat)[0].view(b, h, n, d)  # (BH, N, D) -> (B, H, N, D)
+
+    def run_hf() -> torch.Tensor:
+        out = hf(_to_hf(q)).hidden_states  # (B, N, H*D)
+        return out.view(b, n, h, d).transpose(1, 2)  # -> (B, H, N, D)
+
+    return {
+        OURS: lambda: ours(q, q, v, scale=scale),
+        "reformer_pytorch": run_lucid,
+        "hf_transformers": run_hf,
+    }
+
+
+def exact_shared_qk(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense shared-QK attention with self-exclusion (float64; for small N only)."""
+    q64, v64 = q.double(), v.double()
+    scores = q64 @ F.normalize(q64, dim=-1).transpose(-2, -1) * scale  # (B, H, N, N)
+    scores = scores + torch.eye(q.shape[2], dtype=torch.float64) * SELF_ATTENTION_BIAS
+    return torch.softmax(scores, dim=-1) @ v64
+
+
+def alignment_errors(bucket_size: int, n_hashes: int) -> dict[str, float]:
+    """Max abs error of each implementation against exact attention when every pair is met
+    once (N = 2 * bucket_size, n_hashes = 1), each under its own scale convention."""
+    q = torch.randn(1, 2, 2 * bucket_size, 16)
+    v = torch.randn(1, 2, 2 * bucket_size, 16)
+    errors = {}
+    with torch.no_grad():
+        for scale, names in ((None, (OURS, "reformer_pytorch")), (1.0, (OURS, "hf_transformers"))):
+            want = exact_shared_qk(q, v, 16**-0.5 if scale is None else scale)
+            calls = implementations(q, v, bucket_size, n_hashes, scale)
+            for name in names:
+                label = f"{name} (scale {'1/sqrt(D)' if scale is None else scale})"
+                errors[label] = (calls[name]().double() - want).abs().max().item()
+    return errors
+
+
+def measure(n: int, n_hashes: int, bucket_size: int, repeats: int, threads: int) -> list[Row]:
+    q = torch.randn(1, 8, n, 64)
+    v = torch.randn(1, 8, n, 64)
+    calls = implementations(q, v, bucket_size, n_hashes, scale=None)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    spreads: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                timing = time_cpu(fn, threads=threads, min_run_time_s=1.0)
+                times[name].append(timing.median_ms)
+                spreads[name].append(timing.iqr_ms / timing.median_ms)
+        memory = {name: peak_memory_cpu(fn) / MIB for name, fn in calls.items()}
+    return [
+        Row(
+            implementation=name,
+            n=n,
+            n_hashes=n_hashes,
+            time_ms_median=statistics.median(times[name]),
+            time_iqr_over_median=statistics.median(spreads[name]),
+            time_spread_over_median=(max(times[name]) - min(times[name]))
+            / statistics.median(times[name]),
+            time_ratio_vs_ours=statistics.median(
+                t / o for t, o in zip(times[name], times[OURS], strict=True)
+            ),
+            peak_mem_mib=memory[name],
+            threads=threads,
+        )
+        for name in calls
+    ]
+
+
+def our_memory(n: int, n_hashes: int, bucket_size: int) -> float:
+    q, v = torch.randn(1, 8, n, 64), torch.randn(1, 8, n, 64)
+    backend = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
+    with torch.no_grad():
+        return peak_memory_cpu(lambda: backend(q, q, v)) / MIB
+
+
+def forward_backward(n: int, n_hashes: int, bucket_size: int, threads: int) -> dict[str, dict]:
+    """Forward + backward of a sum, ours vs reformer-pytorch (q and v require grad): median
+    time (interleaved, 2 repeats) and peak memory."""
+    from reformer_pytorch.reformer_pytorch import LSHAttention
+
+    q = torch.randn(1, 8, n, 64, requires_grad=True)
+    v = torch.randn(1, 8, n, 64, requires_grad=True)
+    qk_flat = q.detach().reshape(8, n, 64).requires_grad_()  # (B, H, N, D) -> (BH, N, D)
+    v_flat = v.detach().reshape(8, n, 64).requires_grad_()
+    ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
+    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes)
+    calls = {
+        OURS: lambda: ours(q, q, v).sum().backward(),
+        "reformer_pytorch": lambda: lucid(qk_flat, v_flat)[0].sum().backward(),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(2):
+        for name, fn in calls.items():
+            times[name].append(time_cpu(fn, threads=threads).median_ms)
+    return {
+        name: {
+            "n": n,
+            "n_hashes": n_hashes,
+            "time_ms_median": statistics.median(times[name]),
+            "peak_mem_mib": peak_memory_cpu(fn) / MIB,
+        }
+        for name, fn in calls.items()
+    }
+
+
+def markdown(rows: list[Row]) -> str:
+    cols = list(asdict(rows[0]))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [f"{x:.3g}" if isinstance(x, float) else str(x) for x in asdict(row).values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--long-n", type=int, default=16384, help="N of the memory scaling check")
+    parser.add_argument("--hashes", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--bucket-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("reports/lsh"))
+    parser.add_argument(
+        "--backward", action="store_true", help="also forward+backward vs reformer-pytorch"
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+
+    rows = [
+        row
+        for n_hashes in args.hashes
+        for row in measure(args.n, n_hashes, args.bucket_size, args.repeats, args.threads)
+    ]
+    scaling = {
+        n_hashes: {
+            "n": args.n,
+            "long_n": args.long_n,
+            "peak_mem_mib": our_memory(args.n, n_hashes, args.bucket_size),
+            "long_peak_mem_mib": our_memory(args.long_n, n_hashes, args.bucket_size),
+        }
+        for n_hashes in args.hashes
+    }
+    for s in scaling.values():
+        s["ratio"] = s["long_peak_mem_mib"] / s["peak_mem_mib"]
+    alignment = alignment_errors(args.bucket_size, n_hashes=1)
+    backward = (
+        forward_backward(args.n, args.hashes[0], args.bucket_size, args.threads)
+        if args.backward
+        else {}
+    )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (args.out / "bench_lsh.md").write_text(
+        f"# lsh vs peers (CPU, B=1, H=8, D=64, fp32, bucket {args.bucket_size}, "
+        f"forward, no_grad, {args.threads} threads, {args.repeats} interleaved repeats)\n\n"
+        f"Load average at the end (1, 5, 15 min): {os.getloadavg()} on {os.cpu_count()} cores; "
+        "time_ratio_vs_ours > 1: the peer is slower.\n\n"
+        f"{table}\n\n## Our peak memory, N={args.n} -> {args.long_n}\n\n"
+        f"```\n{json.dumps(scaling, indent=1)}\n```\n\n"
+        f"## Alignment: max abs error vs exact attention, N={2 * args.bucket_size}, 1 hash\n\n"
+        f"```\n{json.dumps(alignment, indent=1)}\n```\n"
+        + (
+            f"\n## Forward + backward\n\n```\n{json.dumps(backward, indent=1)}\n```\n"
+            if backward
+            else ""
+        )
+    )
+    (args.out / "bench_lsh.json").write_text(
+        json.dumps(
+            {
+                "rows": [asdict(r) for r in rows],
+                "memory_scaling": scaling,
+                "alignment": alignment,
+                "forward_backward": backward,
+                "torch": torch.__version__,
+                "load_average": os.getloadavg(),
+            },
+            indent=1,
+        )
+    )
+    print(table)
+    print(json.dumps(scaling, indent=1))
+    print(json.dumps(alignment, indent=1))
+    if backward:
+        print(json.dumps(backward, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""`xl`: Transformer-XL's segment recurrence with memory and relative positions (Dai et al. 2019).
+
+The N keys form segments of ``segment_len``; a query in segment s attends causally over the
+``mem_len`` positions before its segment (the memory) and its segment so far, so the cost is
+O(N * (segment_len + mem_len)) (see :func:`effattn.xl.segment_pattern` for the picture).
+
+What "memory" means here: the previous positions' k and v, taken from the inputs and *not*
+detached, so gradients reach them like any other input (the layer-level detach of the paper lives
+in :class:`effattn.nn.TransformerXLAttention`, whose memory is the cached hidden states).
+
+The relative-position term has no learned weights in a backend; it uses a fixed parameterisation
+drawn from ``seed`` (:func:`effattn.xl.fixed_relative_position`), and ``relative`` picks the terms:
+
+* ``"bias"`` (default): terms (a) + (d), ``scale * (q_i . k_j + v . r_{i-j})``: a distance bias
+  that depends on neither q nor k, so ``pattern().bias`` reproduces output *and* gradients.
+* ``"full"``: all four terms ``scale * ((q_i + u) . k_j + (q_i + v) . r_{i-j})`` with the shift
+  trick, what a Transformer-XL layer costs. ``pattern().bias`` holds terms (b) + (c) + (d) for the
+  given q and k, so the output matches it; the gradients of q and k also flow through the bias
+  (tests compare them with a naive dense computation instead).
+* ``"none"``: term (a) only: the plain segment pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from effattn.backend import Backend, Pattern
+from effattn.ops import attention_flops, keep_mask
+from effattn.patterns import dense_mask
+from effattn.registry import register_backend
+from effattn.xl import (
+    RelativePosition,
+    dense_relative_bias,
+    fixed_relative_position,
+    segment_attention,
+    segment_distances,
+    segment_pattern,
+)
+
+
+@register_backend("xl")
+@dataclass(frozen=True)
+class TransformerXLAttention(Backend):
+    """Segments of ``segment_len`` queries, each over [``mem_len`` memory; its segment]."""
+
+    segment_len: int = 128  # queries per segment, >= 1
+    mem_len: int = 128  # earlier positions each segment also attends to (the memory), >= 0
+    relative: Literal["bias", "full", "none"] = "bias"  # which relative-position terms (above)
+    seed: int = 0  # seed of the fixed relative-position parameters (r projection, u, v)
+
+    exact = True
+    supports_bidirectional = False
+    complexity = "O(N*(S+M))"
+    memory_complexity = "O(N*(S+M))"
+    tay_class = "RC"
+    description = "Transformer-XL: segments with memory, relative positions (shift trick)"
+
+    def __post_init__(self) -> None:
+        if self.segment_len < 1:
+            raise ValueError(f"segment_len: expected an integer >= 1, got {self.segment_len}")
+        if self.mem_len < 0:
+            raise ValueError(f"mem_len: expected an integer >= 0, got {self.mem_len}")
+        if self.relative not in ("bias", "full", "none"):
+            raise ValueError(f"relative: expected 'bias', 'full' or 'none', got {self.relative!r}")
+
+    def _relative(self, q: Tensor) -> RelativePosition | None:
+        if self.relative == "none":
+            return None
+        d_hi, count = segment_distances(self.segment_len, self.mem_len)
+        return fixed_relative_position(
+            q.shape[1],
+            q.shape[3],
+            d_hi,
+            count,
+            seed=self.seed,
+            content_terms=self.relative == "full",
+            dtype=q.dtype,
+            device=q.device,
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        scale: float,
+    ) -> Tensor:
+        return segment_attention(
+            q,
+            k,
+            v,
+            segment_len=self.segment_len,
+            mem_len=self.mem_len,
+            scale=scale,
+            rel=self._relative(q),
+            key_padding_mask=key_padding_mask,
+        )
+
+    def pattern(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = True,
+        key_padding_mask: Tensor | None = None,
+    ) -> Pattern:
+        """The banded-causal segment mask (B or 1, 1, Nq, Nk) with key padding, and the dense
+        relative-position bias (1 or B, H, Nq, Nk), scaled by 1/sqrt(D) whatever the call's
+        ``scale`` (which multiplies the content term q . k only)."""
+        batch, _, q_len, _ = q.shape
+        kv_len = k.shape[2]
+        pred = segment_pattern(self.segment_len, self.mem_len, q_len, kv_len)
+        mask = dense_mask(pred, q_len, kv_len, q.device)[None, None]  # (1, 1, Nq, Nk)
+        padding = keep_mask(
+            batch, q_len, kv_len, causal=False, key_padding_mask=key_padding_mask, device=q.device
+        )
+        if padding is not None:
+            mask = mask & padding  # (B, 1, 1, Nk) -> (B, 1, Nq, Nk)
+        rel = self._relative(q)
+        if rel is None:
+            return Pattern(mask=mask)
+        bias = dense_relative_bias(q, k, rel, first_pos=kv_len - q_len)
+        return Pattern(mask=mask, bias=bias)
+
+    def flops(
+        self,
+        batch: int,
+        heads: int,
+        q_len: int,
+        kv_len: int,
+        head_dim: int,
+        *,
+        causal: bool = True,
+    ) -> int:
+        """Forward FLOPs of the computed blocks: every segment holding a query scores S x (M + S)
+        pairs (masked ones included), 4*D each; ``relative="full"`` adds 2*D per entry of the
+        S x (M + 2S - 1) content-position block before the shift."""
+        s, m = self.segment_len, self.mem_len
+        first_pos = max(0, kv_len - q_len)
+        n_seg = -(-kv_len // s) - first_pos // s
+        flops = attention_flops(batch, heads, head_dim, n_seg * s * (m + s))
+        if self.relative == "full":
+            flops += 2 * batch * heads * head_dim * n_seg * s * (m + 2 * s - 1)
+        return flops
+
+    def relative_position(self, q: Tensor) -> RelativePosition | None:
+        """The fixed relative-position parameters used for inputs like ``q`` (B, H, N, D)."""
+        return self._relative(q)

@@ -1,0 +1,12 @@
+"""Imported once by the sweep's forkserver, before it forks workers: loads torch and effattn and,
+on a machine without CUDA, starts the CPU profiler once (its first use costs ~2.5 s; a forked
+worker then starts warm). With CUDA present nothing more is done: the server must not touch
+anything that could initialise CUDA before forking."""
+
+import torch
+
+import effattn.bench.worker  # noqa: F401
+from effattn.bench.meters import peak_memory_cpu
+
+if not torch.cuda.is_available():
+    peak_memory_cpu(lambda: torch.ones(8))

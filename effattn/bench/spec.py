@@ -1,0 +1,290 @@
+"""Sweep specs: preset files and command-line axes -> a list of measurement points.
+
+A preset is a TOML file (benchmarks/sweeps/<name>.toml) with a ``[settings]`` table (budgets and
+repeats) and one or more ``[[grid]]`` tables; each grid is the product of its axes, the sweep is
+the union of its grids::
+
+    [settings]
+    time_limit_s = 60          # per point, the whole worker process included
+    [[grid]]
+    backends = ["full", "sdpa", "local:window=256"]
+    seq_lens = [1024, 2048]
+    mode = ["fwd", "fwd_bwd"]
+
+A backend is written ``name`` or ``name:opt=value,opt=value``; option values are typed from the
+backend's dataclass fields (effattn.registry.parse_option_value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effattn.registry import backend_class, get_backend, list_backends, parse_option_value
+
+MODES = ("fwd", "fwd_bwd", "step")
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+DEVICES = ("auto", "cpu", "cuda")
+PRESET_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "sweeps"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend name and its options, as written ``local:window=256``."""
+
+    name: str  # a registered backend name
+    options: tuple[tuple[str, Any], ...] = ()  # (option, typed value) pairs, sorted by option
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+
+def parse_backend_spec(text: str) -> BackendSpec:
+    """``"local:window=256"`` -> BackendSpec("local", (("window", 256),)), checked against the
+    registry: an unknown backend or option, or a bad value, raises ValueError/TypeError."""
+    name, _, rest = text.strip().partition(":")
+    cls = backend_class(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"backend {text!r}: expected options as key=value, got {item!r}")
+        options[key.strip()] = parse_option_value(cls, key.strip(), value.strip())
+    get_backend(name, **options)  # the backend's own checks of the values
+    return BackendSpec(name, tuple(sorted(options.items())))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How each point is measured and what budget it gets."""
+
+    time_limit_s: float = 120.0  # wall-clock limit of one point's worker process
+    mem_limit_mib: int = 8192  # address space a CPU worker may add after building its inputs
+    min_run_time_s: float = 0.5  # torch.utils.benchmark's min_run_time per point (CPU)
+    cuda_repeats: int = 20  # timed runs per point on CUDA
+    error_max_n: int = 4096  # approximate backends: error vs float64 full up to this N
+    step_layers: int = 2  # mode "step": encoder layers (d_model = heads * head_dim)
+    step_ffn_mult: int = 2  # mode "step": feed-forward width = step_ffn_mult * d_model
+
+    def __post_init__(self) -> None:
+        for name in ("time_limit_s", "mem_limit_mib", "min_run_time_s", "cuda_repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"settings.{name}: expected a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One product of axes; every combination is a point."""
+
+    backends: tuple[str, ...] = ("full", "sdpa")  # backend specs, ``name[:opt=value,...]``
+    seq_lens: tuple[int, ...] = (1024,)  # N (queries = keys)
+    batch: tuple[int, ...] = (1,)  # B
+    heads: tuple[int, ...] = (8,)  # H
+    head_dim: tuple[int, ...] = (64,)  # D
+    dtype: tuple[str, ...] = ("float32",)  # names from DTYPES
+    device: tuple[str, ...] = ("auto",)  # auto = cuda if available, else cpu
+    causal: tuple[bool, ...] = (False,)
+    threads: tuple[int, ...] = (2,)  # CPU intra-op threads, pinned while timing
+    mode: tuple[str, ...] = ("fwd",)  # fwd, fwd_bwd, step
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: a backend with options at one shape, dtype, device and mode."""
+
+    backend: str  # registered backend name
+    options: tuple[tuple[str, Any], ...]  # its options (sorted pairs)
+    n: int  # sequence length N (queries = keys)
+    batch: int  # B
+    heads: int  # H
+    head_dim: int  # D
+    dtype: str  # float16, bfloat16, float32, float64
+    device: str  # cpu or cuda (resolved)
+    causal: bool
+    threads: int  # CPU intra-op threads
+    mode: str  # fwd, fwd_bwd or step
+
+    @property
+    def label(self) -> str:
+        return BackendSpec(self.backend, self.options).label
+
+    @property
+    def key(self) -> str:
+        """A stable identity for resuming: the point's fields as canonical JSON."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+    def describe(self) -> str:
+        causal = " causal" if self.causal else ""
+        return (
+            f"{self.mode} {self.label} N={self.n} B={self.batch} H={self.heads} "
+            f"D={self.head_dim} {self.dtype} {self.device}{causal}"
+        )
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A named sweep: settings, grids, and plugin files (extra backends, imported by workers)."""
+
+    name: str  # preset name, used in the default run id
+    settings: Settings = field(default_factory=Settings)
+    grids: tuple[Grid, ...] = (Grid(),)
+    plugins: tuple[str, ...] = ()  # paths of .py files that register extra backends
+
+    def digest(self) -> str:
+        """8 hex digits identifying the spec (for run ids)."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+# -- presets ---------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    """A preset name (``tay``) or a path to a TOML file."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    candidate = PRESET_DIR / f"{name}.toml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(preset_names()) or f"none found in {PRESET_DIR}"
+    raise ValueError(f"preset: unknown preset {name!r} (known: {known}; or a path to a .toml)")
+
+
+def _tuple_of(section: str, key: str, value: Any, kind: type) -> tuple:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise ValueError(f"{section}.{key}: expected {kind.__name__} values, got {v!r}")
+    return tuple(values)
+
+
+def load_preset(name: str) -> SweepSpec:
+    """Read a preset file into a SweepSpec (its axes are checked by :func:`expand`)."""
+    path = preset_path(name)
+    data = tomllib.loads(path.read_text())
+    unknown = set(data) - {"description", "settings", "grid", "plugins"}
+    if unknown:
+        raise ValueError(f"preset {path}: unknown tables {sorted(unknown)}")
+    settings_fields = {f.name for f in dataclasses.fields(Settings)}
+    raw_settings = data.get("settings", {})
+    if set(raw_settings) - settings_fields:
+        raise ValueError(
+            f"preset {path}: unknown settings {sorted(set(raw_settings) - settings_fields)} "
+            f"(valid: {', '.join(sorted(settings_fields))})"
+        )
+    grid_types = {f.name: f.default for f in dataclasses.fields(Grid)}
+    grids = []
+    for i, raw in enumerate(data.get("grid", [])):
+        section = f"grid[{i}]"
+        if set(raw) - set(grid_types):
+            raise ValueError(
+                f"preset {path}: {section} has unknown axes {sorted(set(raw) - set(grid_types))}"
+            )
+        axes = {
+            key: _tuple_of(section, key, value, type(grid_types[key][0]))
+            for key, value in raw.items()
+        }
+        grids.append(Grid(**axes))
+    if not grids:
+        raise ValueError(f"preset {path}: expected at least one [[grid]] table, got none")
+    plugins = tuple(str((path.parent / p).resolve()) for p in data.get("plugins", []))
+    return SweepSpec(path.stem, Settings(**raw_settings), tuple(grids), plugins)
+
+
+def with_overrides(
+    spec: SweepSpec, axes: dict[str, tuple], settings: dict[str, Any], plugins: tuple[str, ...]
+) -> SweepSpec:
+    """The spec with command-line axes replacing the same axes of every grid."""
+    grids = tuple(dataclasses.replace(g, **axes) for g in spec.grids)
+    return SweepSpec(
+        spec.name,
+        dataclasses.replace(spec.settings, **settings),
+        grids,
+        spec.plugins + tuple(str(Path(p).resolve()) for p in plugins),
+    )
+
+
+# -- expansion -------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch.cuda.is_available() is False")
+    return device
+
+
+def _check_positive(name: str, values: tuple) -> None:
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name}: expected positive integers, got {v!r}")
+
+
+def expand(spec: SweepSpec, *, strict: bool) -> tuple[list[Point], list[str]]:
+    """All points of the spec, ordered mode, then N ascending, then backend (so backends are
+    interleaved and a smaller N of a curve is measured before a larger one).
+
+    strict: an unknown backend raises (command line); otherwise it is left out with a message
+    (presets list backends that may not be installed yet). Returns (points, messages).
+    """
+    points: list[Point] = []
+    messages: list[str] = []
+    installed = set(list_backends())
+    for grid in spec.grids:
+        for name in ("seq_lens", "batch", "heads", "head_dim", "threads"):
+            _check_positive(name, getattr(grid, name))
+        for m in grid.mode:
+            if m not in MODES:
+                raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {m!r}")
+        for d in grid.dtype:
+            if d not in DTYPES:
+                raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {d!r}")
+        devices = []
+        for d in grid.device:
+            try:
+                devices.append(resolve_device(d))
+            except ValueError as err:
+                if strict or d not in DEVICES:
+                    raise
+                messages.append(f"skipping a grid of {', '.join(grid.backends)}: {err}")
+        if not devices:
+            continue
+        backends = []
+        for text in grid.backends:
+            name = text.partition(":")[0].strip()
+            if name not in installed and not strict:
+                messages.append(f"skipping backend {text!r}: not installed")
+                continue
+            backends.append(parse_backend_spec(text))
+        names = ("mode", "n", "batch", "heads", "head_dim", "dtype", "device", "causal")
+        axes = (grid.mode, sorted(grid.seq_lens), grid.batch, grid.heads, grid.head_dim)
+        axes += (grid.dtype, devices, grid.causal)
+        for b in backends:
+            for combo in itertools.product(*axes, grid.threads):
+                fields = dict(zip((*names, "threads"), combo, strict=True))
+                points.append(Point(backend=b.name, options=b.options, **fields))
+    unique = list(dict.fromkeys(points))
+    order = {m: i for i, m in enumerate(MODES)}
+    unique.sort(key=lambda p: (order[p.mode], p.n))  # stable: keeps the backend order
+    return unique, list(dict.fromkeys(messages))

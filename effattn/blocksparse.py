@@ -1,0 +1,301 @@
+"""Blocked sparse attention in plain torch, shared by the `local`, `strided` and `bigbird` backends.
+
+Queries are cut into blocks of b consecutive positions. Each query block attends to its own list
+of m keys: a contiguous span of keys (a sliding window; a strided view of the keys, no copy), a
+gathered list of key positions (global tokens, strided summaries, BigBird's blocks; a copy), or
+both concatenated. Which (query, key) pairs of a block take part is the backend's pattern
+predicate evaluated on the block's (query position, key position) grid, so a key listed twice
+must be listed as -1 (absent) in one of its places. The blocks then run as one batched call of
+torch's fused attention (the tiled flash kernel on CPU, with an additive 0 / -inf mask), which
+never builds more than (b, m) scores per block. Memory: O(N * m) for the mask and any gathered
+keys, never O(N^2).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from effattn.backend import Pattern
+from effattn.patterns import Predicate
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """How many blocks of ``block_size`` cover ``length`` positions (the last one padded)."""
+    return -(-length // block_size)
+
+
+def query_blocks(q: Tensor, block_size: int) -> Tensor:
+    """q: (B, H, Nq, D) -> (B, H, nb, b, D), zero-padded to nb * b positions."""
+    q_len = q.shape[2]
+    nb = num_blocks(q_len, block_size)
+    if nb * block_size != q_len:
+        q = F.pad(q, (0, 0, 0, nb * block_size - q_len))  # (B, H, Nq, D) -> (B, H, nb*b, D)
+    return q.unflatten(2, (nb, block_size))  # (B, H, nb*b, D) -> (B, H, nb, b, D)
+
+
+def unblock(out: Tensor, length: int) -> Tensor:
+    """out: (B, H, nb, b, D) -> (B, H, length, D), dropping the padded positions."""
+    return out.flatten(2, 3)[:, :, :length]  # (B, H, nb, b, D) -> (B, H, nb*b, D)[:length]
+
+
+def block_positions(nb: int, block_size: int, device: torch.device) -> Tensor:
+    """(nb, b) int64: the query positions of each block (the last block runs past Nq)."""
+    return torch.arange(nb * block_size, device=device).view(nb, block_size)
+
+
+def span_positions(
+    nb: int, block_size: int, left: int, right: int, offset: int, device: torch.device
+) -> Tensor:
+    """(nb, L) int64: the keys of a sliding window per query block. Query block t holds queries
+    t*b .. t*b+b-1; its span is the keys ``t*b + offset - left .. t*b + b - 1 + offset + right``
+    (L = b + left + right of them; positions outside [0, Nk) are to be masked out)."""
+    span = torch.arange(-left, block_size + right, device=device) + offset  # (L,)
+    return span + block_size * torch.arange(nb, device=device)[:, None]  # (nb, L)
+
+
+def span_view(x: Tensor, positions: Tensor, block_size: int) -> Tensor:
+    """The spans ``positions`` (nb, L) of consecutive blocks as a strided view of x:
+    (B, H, Nk, D) -> (B, H, nb, L, D). No copy when every position lies in [0, Nk); otherwise
+    the keys the spans cover are copied once, zero-padded at the ends (mask those out).
+    (Views of the inner blocks plus copies of the end blocks would save the copy but need
+    several fused calls and a join of their outputs: slower here, most of all under load.)"""
+    kv_len = x.shape[2]
+    start, end = int(positions[0, 0]), int(positions[-1, -1]) + 1
+    covered = x[:, :, max(start, 0) : min(end, kv_len)]  # (B, H, <= end - start, D)
+    if start < 0 or end > kv_len:
+        pads = (0, 0, max(-start, 0), max(end - kv_len, 0))
+        covered = F.pad(covered, pads)  # -> (B, H, end - start, D)
+    windows = covered.unfold(2, positions.shape[1], block_size)  # (B, H, nb, D, L)
+    return windows.transpose(-1, -2)  # (B, H, nb, D, L) -> (B, H, nb, L, D)
+
+
+def gather_keys(x: Tensor, positions: Tensor) -> Tensor:
+    """Keys at given positions, per query block (a copy). x: (B, H, Nk, D); positions:
+    (nb, m) or (H, nb, m) int64; a position outside [0, Nk) (-1 = absent) gathers a clamped
+    key, to be masked out.
+    Returns (B, H, nb, m, D)."""
+    idx = positions.clamp(0, x.shape[2] - 1)
+    if idx.dim() == 2:
+        return x[:, :, idx]  # (B, H, Nk, D) -> (B, H, nb, m, D)
+    heads = torch.arange(x.shape[1], device=x.device)[:, None, None]  # (H, 1, 1)
+    return x[:, heads, idx]  # (B, H, Nk, D) -> (B, H, nb, m, D)
+
+
+_CACHE: OrderedDict[Hashable, Tensor] = OrderedDict()
+CACHE_SIZE = 16  # patterns kept: the masks and key lists of the last few (options, shapes)
+
+
+CHUNK_PAIRS = 2**20  # (query, key) pairs of a mask evaluated at once (bounds temporaries)
+
+
+def cached(key: Hashable | None, build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, memoised under ``key`` (None: not cached). Patterns are fixed per
+    (backend options, Nq, Nk, ...), so their masks and key lists are built once, as a
+    BlockMask is; a cached tensor is never modified in place."""
+    if key is None:
+        return build()
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = _CACHE[key] = build()
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def clear_cache() -> None:
+    """Forget every cached mask and key list (for memory measurements of a first call)."""
+    _CACHE.clear()
+
+
+def _bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool -> additive mask: 0 where True, -inf where False, in ``dtype`` (one pass)."""
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    return torch.where(keep, zero, zero - float("inf"))
+
+
+def block_bias(
+    pred: Predicate | None,
+    q_pos: Tensor | None,
+    k_pos: Tensor,
+    kv_len: int,
+    key_padding_mask: Tensor | None,
+    dtype: torch.dtype,
+    cache_key: Hashable | None = None,
+) -> Tensor:
+    """The additive mask of the blocks: 0 where the pair takes part, -inf elsewhere.
+
+    q_pos: (nb, b) query positions (unused when pred is None); k_pos: (nb, m) or (H, nb, m)
+    key positions, -1 = absent. A pair takes part iff ``pred(i, j)``, key j exists
+    (0 <= j < Nk) and is not padding; ``pred=None`` keeps every listed key (a block-level
+    pattern: the mask then has b = 1). The part without key padding is cached under
+    ``cache_key`` (see :func:`cached`). Returns (B or 1, H or 1, nb, b or 1, m) in ``dtype``.
+    """
+    k_pos = k_pos if k_pos.dim() == 3 else k_pos[None]  # (nb, m) -> (1, nb, m)
+
+    def build() -> Tensor:
+        exists = ((k_pos >= 0) & (k_pos < kv_len))[:, :, None, :]  # (H or 1, nb, 1, m)
+        if pred is None or q_pos is None:
+            return _bias(exists[None], dtype)  # -> (1, H or 1, nb, 1, m)
+        heads, nb, m = k_pos.shape
+        bias = torch.empty(1, heads, nb, q_pos.shape[1], m, dtype=dtype, device=k_pos.device)
+        step = max(1, CHUNK_PAIRS // (heads * q_pos.shape[1] * m))  # bounds the int64 grids
+        for t in range(0, nb, step):
+            rows = q_pos[None, t : t + step, :, None]  # (1, nb', b, 1)
+            keep = pred(rows, k_pos[:, t : t + step, None, :]) & exists[:, t : t + step]
+            bias[0, :, t : t + step] = _bias(keep, dtype)  # (H or 1, nb', b, m)
+        return bias
+
+    key = None if cache_key is None else (cache_key, "block_bias", dtype, str(k_pos.device))
+    bias = cached(key, build)
+    if key_padding_mask is not None:
+        bias = bias + padding_bias(key_padding_mask, k_pos, kv_len, dtype)
+    return bias
+
+
+def padding_bias(
+    key_padding_mask: Tensor, k_pos: Tensor, kv_len: int, dtype: torch.dtype
+) -> Tensor:
+    """Additive mask (B, H or 1, nb, 1, m) of key padding at positions k_pos (nb, m) or
+    (H, nb, m); key_padding_mask: (B, Nk) bool, True = the key takes part."""
+    k_pos = k_pos if k_pos.dim() == 3 else k_pos[None]  # (nb, m) -> (1, nb, m)
+    padding = key_padding_mask[:, k_pos.clamp(0, kv_len - 1)]  # (B, H or 1, nb, m)
+    return _bias(padding[:, :, :, None, :], dtype)  # -> (B, H or 1, nb, 1, m)
+
+
+def blocks_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """Softmax attention of every query block over its own keys.
+
+    q: (B, H, nb, b, D); k, v: (B, H, nb, m, D) (views allowed); bias: (B or 1, H or 1, nb,
+    b or 1, m) additive (0 / -inf). Returns (B, H, nb, b, D); a row that keeps no key gives 0.
+    Runs torch's fused attention once per batch element with the 4-D layout (H, nb, b, D), so
+    that the CPU takes its tiled flash kernel (a 3-D or 5-D mask would send it to the O(b*m)
+    per-block math path, which is fine for float64 tests only).
+    """
+    outs = []
+    for i in range(q.shape[0]):
+        mask = bias[i if bias.shape[0] > 1 else 0]  # (H or 1, nb, b or 1, m)
+        outs.append(F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, scale=scale))
+    if len(outs) == 1:
+        return outs[0][None]  # (H, nb, b, D) -> (1, H, nb, b, D)
+    return torch.stack(outs)  # B x (H, nb, b, D) -> (B, H, nb, b, D)
+
+
+def rows_attention(q_rows: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """Dense attention of a few query rows (global tokens) over all keys.
+
+    q_rows: (B, H, R, D); k, v: (B, H, Nk, D); bias: (B or 1, H or 1, R, Nk) additive.
+    Returns (B, H, R, D): O(R * Nk) memory.
+    """
+    return blocks_attention(
+        q_rows[:, :, None], k[:, :, None], v[:, :, None], bias[:, :, None], scale
+    )[:, :, 0]  # (B, H, 1, R, D) -> (B, H, R, D)
+
+
+def rows_bias(
+    pred: Predicate | None,
+    rows: Tensor,
+    kv_len: int,
+    key_padding_mask: Tensor | None,
+    dtype: torch.dtype,
+    cache_key: Hashable | None = None,
+) -> Tensor:
+    """Additive mask (B or 1, H or 1, R or 1, Nk) of query positions ``rows`` (R,) over all
+    keys; ``pred=None`` keeps every key that is not padding."""
+    keys = torch.arange(kv_len, device=rows.device)
+    key = None if cache_key is None else (cache_key, "rows", len(rows))
+    bias = block_bias(pred, rows[None], keys[None], kv_len, key_padding_mask, dtype, key)
+    return bias[:, :, 0]  # (B or 1, H or 1, 1, R, Nk) -> (B or 1, H or 1, R, Nk)
+
+
+def without(positions: Tensor, span_positions: Tensor) -> Tensor:
+    """Extra key positions (m,) per query block, -1 where the block's span already holds them.
+
+    positions: (m,) int64; span_positions: (nb, L) contiguous ranges (:func:`span_positions`).
+    Returns (nb, m).
+    """
+    start, end = span_positions[:, :1], span_positions[:, -1:]  # (nb, 1) each
+    inside = (positions[None, :] >= start) & (positions[None, :] <= end)  # (nb, m)
+    return torch.where(inside, torch.full_like(inside, -1, dtype=positions.dtype), positions)
+
+
+def banded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pred: Predicate,
+    block_size: int,
+    left: int,
+    right: int,
+    extra_keys: Tensor | None,
+    global_rows: int,
+    key_padding_mask: Tensor | None,
+    scale: float,
+    cache_key: Hashable | None = None,
+) -> Tensor:
+    """Sliding-window attention plus keys every query may see, exact over ``pred``.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D). Query i's diagonal key is ``i + Nk - Nq``; each
+    query block scores the span ``[-left, +right]`` around its diagonal keys (a strided view of
+    k and v, padded at the ends) and, when
+    ``extra_keys`` (m,) is given (global tokens, strided summaries), those keys too (then the
+    keys are gathered: a copy), each pair once. ``pred`` must keep nothing outside these keys
+    except for the first ``global_rows`` queries, which are recomputed densely over all keys.
+    ``cache_key`` identifies (pred, block_size, left, right, extra_keys) for the mask cache.
+    Returns (B, H, Nq, D).
+    """
+    _, _, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    left, right = min(left, kv_len), min(right, max(q_len - 1, 0))  # wider spans add nothing
+    nb = num_blocks(q_len, block_size)
+    span_pos = span_positions(nb, block_size, left, right, kv_len - q_len, q.device)  # (nb, L)
+    qb = query_blocks(q, block_size)  # (B, H, nb, b, D)
+    if extra_keys is not None and extra_keys.numel() > 0:
+        extra = without(extra_keys, span_pos)  # (nb, m), -1 where the span holds the key
+        k_pos = torch.cat([extra, span_pos], dim=1)  # (nb, m) + (nb, L) -> (nb, m + L)
+        k_keys, v_keys = gather_keys(k, k_pos), gather_keys(v, k_pos)  # (B, H, nb, m + L, D)
+    else:
+        # One view of k and v for every block (a copy padded by the window only at the ends):
+        # one fused call, no gathers and no joining of outputs.
+        k_pos = span_pos
+        k_keys = span_view(k, span_pos, block_size)  # (B, H, nb, L, D)
+        v_keys = span_view(v, span_pos, block_size)
+    q_pos = block_positions(nb, block_size, q.device)
+    bias = block_bias(pred, q_pos, k_pos, kv_len, key_padding_mask, q.dtype, cache_key)
+    out = blocks_attention(qb, k_keys, v_keys, bias, scale)  # (B, H, nb, b, D)
+    out = unblock(out, q_len)  # (B, H, nb, b, D) -> (B, H, Nq, D)
+    rows = min(global_rows, q_len)
+    if rows > 0:
+        row_pos = torch.arange(rows, device=q.device)
+        row_bias = rows_bias(pred, row_pos, kv_len, key_padding_mask, q.dtype, cache_key)
+        dense = rows_attention(q[:, :, :rows], k, v, row_bias, scale)  # (B, H, R, D)
+        out = torch.cat([dense, out[:, :, rows:]], dim=2)  # (B, H, R + Nq - R, D)
+    return out
+
+
+def predicate_pattern(
+    predicate: Callable[..., Predicate],
+    q: Tensor,
+    k: Tensor,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+) -> Pattern:
+    """The dense Pattern of ``predicate(Nq, Nk, causal=causal)`` with key padding (tests and
+    pictures only). q: (B, H, Nq, D), k: (B, H, Nk, D); mask (B or 1, H or 1, Nq, Nk)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    pred = predicate(q_len, kv_len, causal=causal)
+    q_idx = torch.arange(q_len, device=q.device)[:, None]  # (Nq, 1)
+    kv_idx = torch.arange(kv_len, device=q.device)[None, :]  # (1, Nk)
+    mask = pred(q_idx, kv_idx)  # (Nq, Nk), or (H, Nq, Nk) for a pattern with a head dim
+    mask = mask.expand(*mask.shape[:-2], q_len, kv_len)
+    mask = mask if mask.dim() == 3 else mask[None]  # (Nq, Nk) -> (1, Nq, Nk)
+    mask = mask[None]  # (H or 1, Nq, Nk) -> (1, H or 1, Nq, Nk)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
+    return Pattern(mask=mask)

@@ -1,0 +1,233 @@
+"""The ``effattn`` command: list backends, run sweeps, make tables and plots.
+
+    effattn list
+    effattn sweep [PRESET] [--backends full sdpa local:window=256] [--seq-lens 1024 2048] ...
+    effattn report RUN... [--format md csv tex html] [--out PREFIX]
+    effattn plot RUN... [--out DIR]
+
+Bad input (unknown backend, option or preset, a length that is not a positive integer) is
+reported as one line on stderr with exit code 2, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("reports") / "runs"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from effattn.bench.spec import DEVICES, DTYPES, MODES
+
+    parser = argparse.ArgumentParser(
+        prog="effattn", description="Efficient-attention backends and the suite that measures them."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("list", help="the registered backends, their options and declarations")
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="measure backends over sequence lengths (and other axes)",
+        description="Run a sweep: PRESET (default: tay) with any axis replaced from the command "
+        "line. Results go to OUT/RUN_ID/results.jsonl; running the same command again resumes.",
+    )
+    sweep.add_argument("preset", nargs="?", default="tay", help="preset name or .toml path")
+    sweep.add_argument(
+        "--backends", nargs="+", metavar="NAME[:OPT=V,...]", help="e.g. full local:window=256"
+    )
+    sweep.add_argument(
+        "--seq-lens", nargs="+", type=_positive_int, metavar="N", help="sequence lengths"
+    )
+    sweep.add_argument("--batch", nargs="+", type=_positive_int, metavar="B", help="batch B")
+    sweep.add_argument("--heads", nargs="+", type=_positive_int, metavar="H", help="heads H")
+    sweep.add_argument("--head-dim", nargs="+", type=_positive_int, metavar="D", help="head dim")
+    sweep.add_argument("--dtype", nargs="+", choices=list(DTYPES))
+    sweep.add_argument("--device", nargs="+", choices=list(DEVICES), help="auto: cuda if available")
+    causal = sweep.add_mutually_exclusive_group()
+    causal.add_argument(
+        "--causal", nargs="*", type=_bool, metavar="BOOL", help="alone: causal; or a list"
+    )
+    causal.add_argument("--no-causal", action="store_true", help="bidirectional only")
+    sweep.add_argument(
+        "--mode", nargs="+", choices=list(MODES), help="attention fwd, fwd+bwd, model step"
+    )
+    sweep.add_argument(
+        "--threads", nargs="+", type=_positive_int, metavar="T", help="CPU threads, pinned"
+    )
+    sweep.add_argument("--time-limit", type=_positive_float, metavar="S", help="s per point")
+    sweep.add_argument("--mem-limit", type=_positive_int, metavar="MIB", help="MiB per point")
+    sweep.add_argument("--min-run-time", type=_positive_float, metavar="S", help="s per timing")
+    sweep.add_argument("--plugin", nargs="+", default=[], metavar="FILE.py",
+                       help="Python files that register extra backends")  # fmt: skip
+    sweep.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of run folders")
+    sweep.add_argument("--run-id", help="default: PRESET-DEVICE, plus a spec hash if overridden")
+    sweep.add_argument(
+        "--fresh", action="store_true", help="set earlier results of this run id aside first"
+    )
+    sweep.add_argument("--quiet", action="store_true", help="no table at the end")
+
+    report = sub.add_parser("report", help="Tay-style tables from one or several runs")
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders or ids")
+    report.add_argument("--format", nargs="+", choices=["md", "csv", "tex", "html"],
+                        default=["md"])  # fmt: skip
+    report.add_argument("--out", type=Path, help="file prefix: writes PREFIX.md, PREFIX.csv, ...")
+
+    plot = sub.add_parser("plot", help="time, memory, speed-up, error and pattern plots")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders or ids")
+    plot.add_argument("--out", type=Path, default=Path("reports") / "plots", help="folder")
+    plot.add_argument("--prefix", default=None, help="file name prefix (default: the run ids)")
+    return parser
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    import effattn
+
+    rows = [effattn.backend_class(n).declaration() for n in effattn.list_backends()]
+    table = pd.DataFrame(rows).drop(columns=["description"])
+    print(table.to_markdown(index=False))
+    print()
+    for row in rows:
+        print(f"- {row['backend']}: {row['description']}")
+    return 0
+
+
+def _sweep_spec(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The spec from the preset and the command line, and whether any axis was overridden."""
+    from effattn.bench.spec import load_preset, with_overrides
+
+    spec = load_preset(args.preset)
+    axes: dict[str, tuple] = {}
+    for arg, axis in (
+        ("backends", "backends"),
+        ("seq_lens", "seq_lens"),
+        ("batch", "batch"),
+        ("heads", "heads"),
+        ("head_dim", "head_dim"),
+        ("dtype", "dtype"),
+        ("device", "device"),
+        ("mode", "mode"),
+        ("threads", "threads"),
+    ):
+        value = getattr(args, arg)
+        if value is not None:
+            axes[axis] = tuple(value)
+    if args.no_causal:
+        axes["causal"] = (False,)
+    elif args.causal is not None:
+        axes["causal"] = tuple(args.causal) or (True,)
+    settings = {
+        key: value
+        for key, value in (
+            ("time_limit_s", args.time_limit),
+            ("mem_limit_mib", args.mem_limit),
+            ("min_run_time_s", args.min_run_time),
+        )
+        if value is not None
+    }
+    overridden = bool(axes or settings or args.plugin)
+    return with_overrides(spec, axes, settings, tuple(args.plugin)), overridden
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from effattn.bench import report, runner
+    from effattn.bench.spec import expand
+    from effattn.bench.worker import load_plugins
+
+    spec, overridden = _sweep_spec(args)
+    load_plugins(spec.plugins)
+    strict = args.backends is not None
+    points, messages = expand(spec, strict=strict)  # checks every axis before anything runs
+    if not points:
+        raise ValueError("sweep: no point to measure: " + "; ".join(messages or ["empty spec"]))
+    devices = "-".join(sorted({p.device for p in points}))
+    run_id = args.run_id or f"{spec.name}-{devices}" + (f"-{spec.digest()}" if overridden else "")
+    run_dir = args.out / run_id
+    if args.fresh and (old := runner.archive_results(run_dir)) is not None:
+        print(f"earlier results set aside: {old}", file=sys.stderr)
+    results = runner.run_sweep(spec, run_dir, strict=strict)
+    if not args.quiet:
+        print(report.render_markdown(report.load_runs([results.parent])))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from effattn.bench import report
+
+    frame = report.load_runs(args.runs)
+    if args.out is None:
+        if args.format != ["md"]:
+            raise ValueError("report: --format other than md needs --out PREFIX")
+        print(report.render_markdown(frame))
+        return 0
+    for path in report.write_report(frame, args.out, args.format):
+        print(f"wrote {path}", file=sys.stderr)
+    if "md" in args.format:
+        print(report.render_markdown(frame))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from effattn.bench import plots, report
+
+    frame = report.load_runs(args.runs)
+    prefix = args.prefix or "+".join(sorted(frame["run"].unique()))
+    for path in plots.write_plots(frame, args.out, prefix):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"effattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"effattn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Adapters that put effattn backends inside other libraries' models.
+
+Each adapter lives in its own module and imports its library lazily, so ``import effattn`` (and
+``import effattn.integrations``) works without any of them:
+
+- :mod:`effattn.integrations.huggingface`: effattn backends as transformers attention
+  implementations (``attn_implementation="effattn_local"``); needs ``pip install 'effattn[hf]'``.
+"""

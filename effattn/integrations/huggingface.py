@@ -1,0 +1,413 @@
+"""effattn backends as HuggingFace transformers attention implementations.
+
+>>> from transformers import AutoModelForCausalLM, LlamaConfig
+>>> from effattn.integrations import huggingface
+>>> huggingface.register()                       # effattn_full, effattn_sdpa, effattn_local, ...
+>>> huggingface.register(name="effattn_local_128", backend="local", window=128)
+>>> model = AutoModelForCausalLM.from_config(LlamaConfig(), attn_implementation="effattn_local")
+>>> model.set_attn_implementation("effattn_full")   # or switch an existing model
+
+Names: ``register()`` registers every effattn backend under ``effattn_<backend>`` with its
+default options; ``register(name=..., backend=..., **options)`` registers one backend with
+options. Each name goes to transformers' ``AttentionInterface`` (the attention call) and
+``AttentionMaskInterface`` (the mask a model builds once per forward). Only models that
+dispatch through AttentionInterface run them (``_supports_attention_backend``: Llama, Mistral,
+Qwen, ESM, ...); in transformers 4.57 BERT and RoBERTa still have their own attention classes.
+
+How masks reach the backend. effattn backends take a ``causal`` flag and a (B, Nk) bool key
+padding mask, never a dense (Nq, Nk) mask, so:
+
+- the mask function registered for each name returns None (no padding) or the (B, Nk) bool key
+  padding mask (True = the key takes part), like transformers' flash-attention masks. It first
+  checks that the pattern the model asks for is plain causal: a sliding window, chunked
+  attention, packed sequences (``position_ids`` that restart) or an overlay that changes the
+  first or last query's row is refused with a ValueError, never silently dropped;
+- causality then comes from the call's ``is_causal`` argument or the module's ``is_causal``
+  attribute (True when absent, as transformers' SDPA path assumes), aligned bottom-right, so
+  decoding with a KV cache (one query, all past keys) is right;
+- a 4-D mask, which models that build their own masks (ESM, user-given masks) hand over
+  (bool, True = keep; or float, 0 = keep and a large negative = masked; shape (B or 1, 1,
+  Nq or 1, >= Nk)), is read as the whole mask, as transformers' SDPA path does: it must be
+  causal + key padding or key padding alone. Other masks (an additive bias, per-head masks, a
+  window) raise a ValueError. Rows that keep no key may be all-False or all-True in the given
+  mask (transformers "unmasks" them); effattn gives them zeros either way. Reading a 4-D mask
+  costs O(Nq * Nk), like the mask itself.
+
+Other arguments: keys and values with fewer heads than the queries (grouped-query attention)
+are repeated to the query heads; ``scaling`` is the softmax scale; attention ``dropout`` > 0
+(only passed when training) is not applied and warns (effattn backends have no attention
+dropout); ``head_mask``, ``softcap`` and attention sinks (``s_aux``) raise. The output is in
+the (B, Nq, H, D) layout transformers expects. Attention weights are None unless the call
+carries ``output_attentions=True``; then they are the backend's own probabilities (B, H, Nq,
+Nk), computed densely from its ``pattern()`` (see effattn.reference.pattern_probabilities).
+Queries that keep no key (fully padded rows) give zeros, not NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from effattn._validate import resolve_scale
+from effattn.backend import Backend
+from effattn.ops import keep_mask
+from effattn.reference import pattern_probabilities
+from effattn.registry import backend_class, get_backend, list_backends
+
+PREFIX = "effattn_"  # register() names each backend effattn_<backend>
+
+# Call arguments that some transformers models pass and effattn cannot honour.
+_UNSUPPORTED_KWARGS = {
+    "head_mask": "head_mask (multiplying attention probabilities per head)",
+    "softcap": "softcap (tanh soft-capping of the scores)",
+    "s_aux": "s_aux (attention sinks)",
+}
+
+_REGISTERED: dict[str, Backend] = {}  # the names this module registered, and their backends
+
+
+# -- registration ----------------------------------------------------------------------------
+def register(
+    name: str | None = None,
+    backend: str | Backend | None = None,
+    *,
+    device: str | None = None,
+    **options: Any,
+) -> list[str]:
+    """Register effattn backends as transformers attention implementations; returns the names.
+
+    Args:
+        name: the ``attn_implementation`` name; ``effattn_<backend>`` when None.
+        backend: a registered backend name or a Backend instance. None registers every effattn
+            backend (``effattn.list_backends()`` at call time) that needs no options, with its
+            defaults.
+        device: with ``backend=None``, register only backends whose ``devices`` include it
+            ("cpu", "cuda"); None registers all.
+        **options: the backend's options (``window=128``); only with ``backend``.
+
+    Registering a name again replaces what it ran. Names of transformers' own implementations
+    ("sdpa", "eager", "flash_attention_2", ...) are refused.
+    """
+    _require_transformers()
+    if backend is None:
+        if name is not None or options:
+            raise ValueError(
+                "register: name and options need a backend, e.g. "
+                "register(name='effattn_local_128', backend='local', window=128); "
+                f"got name={name!r}, options={sorted(options)} and no backend"
+            )
+        entries = [
+            (PREFIX + b, get_backend(b))
+            for b in list_backends()
+            if _needs_no_options(b) and (device is None or device in backend_class(b).devices)
+        ]
+    else:
+        instance = get_backend(backend, **options)
+        entries = [(PREFIX + instance.name if name is None else name, instance)]
+    for entry_name, instance in entries:
+        _register_one(entry_name, instance)
+    return [entry_name for entry_name, _ in entries]
+
+
+def registered_backend(name: str) -> Backend:
+    """The backend that the attention implementation ``name`` runs (one this module registered)."""
+    try:
+        return _REGISTERED[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTERED)) or "none yet: call register()"
+        raise ValueError(
+            f"name: expected an attention implementation registered by effattn ({known}), "
+            f"got {name!r}"
+        ) from None
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "effattn.integrations.huggingface needs transformers: pip install 'effattn[hf]'"
+        ) from err
+
+
+def _needs_no_options(backend: str) -> bool:
+    """True if the backend can be built with its defaults (every option has a default)."""
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in backend_class(backend).option_fields()
+    )
+
+
+def _register_one(name: str, backend: Backend) -> None:
+    from transformers import AttentionInterface
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    taken = (set(AttentionInterface._global_mapping) - set(_REGISTERED)) | {"eager"}
+    if name in taken:
+        raise ValueError(
+            f"name: expected a name that transformers does not use itself, got {name!r} "
+            f"(use e.g. {PREFIX}{backend.name!r})"
+        )
+    AttentionInterface.register(name, _attention_function(backend))
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # transformers < 4.53: models hand over 4-D masks, read by the call
+        pass
+    else:
+        AttentionMaskInterface.register(name, key_padding_mask_interface)
+    _REGISTERED[name] = backend
+
+
+def _attention_function(backend: Backend) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    def effattn_attention(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        return attention_forward(module, query, key, value, attention_mask, backend, **kwargs)
+
+    effattn_attention.__qualname__ = effattn_attention.__name__ = f"effattn_{backend.name}"
+    return effattn_attention
+
+
+# -- the attention call ----------------------------------------------------------------------
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    backend: Backend,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """transformers' attention call, computed by ``backend``.
+
+    Args:
+        module: the calling attention layer (its ``is_causal`` is read when no mask says).
+        query: (B, H, Nq, D). key, value: (B, Hkv, Nk, D) with H a multiple of Hkv.
+        attention_mask: None, the (B, Nk) bool key padding mask made by
+            :func:`key_padding_mask_interface`, or a 4-D mask (see the module docstring).
+        backend: the effattn backend.
+        dropout: attention dropout probability; not applied (warns when > 0).
+        scaling: softmax scale; 1/sqrt(D) when None.
+        is_causal: overrides ``module.is_causal`` when given (ignored with a 4-D mask).
+
+    Returns:
+        (attn_output (B, Nq, H, D), attn_weights (B, H, Nq, Nk) or None).
+    """
+    _refuse_unsupported(kwargs, key.shape[2])
+    if dropout > 0:
+        warnings.warn(
+            f"effattn backend {backend.name!r}: attention dropout={dropout} is not applied "
+            "(effattn backends have no attention dropout); set the model's attention dropout to "
+            "0 to silence this",
+            stacklevel=2,
+        )
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        causal, padding = causal_and_padding_from_4d(attention_mask, q_len, kv_len)
+    else:
+        padding = _padding_from_2d(attention_mask, batch, kv_len)
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
+
+    out = backend(query, key, value, causal=causal, key_padding_mask=padding, scale=scaling)
+    weights = None
+    if kwargs.get("output_attentions", False):
+        pattern = backend.pattern(query, key, value, causal=causal, key_padding_mask=padding)
+        scale = resolve_scale(scaling, query.shape[-1])
+        weights = pattern_probabilities(query, key, pattern, scale).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), weights  # (B, H, Nq, D) -> (B, Nq, H, D)
+
+
+def _refuse_unsupported(kwargs: dict[str, Any], kv_len: int) -> None:
+    for arg, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(arg) is not None:
+            raise ValueError(f"{arg}: effattn backends do not support {what}; got one")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < kv_len:
+        raise ValueError(
+            f"sliding_window: effattn's transformers integration passes causality and key "
+            f"padding only, got a sliding window of {window} over {kv_len} keys; build the model "
+            "with sliding_window=None (an effattn windowed backend such as 'local' has its own "
+            "window option)"
+        )
+
+
+def repeat_kv_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, Hkv, N, D) -> (B, heads, N, D) for grouped-query attention: query head h reads key
+    head h // (heads / Hkv), as transformers' repeat_kv does. Returns ``t`` when Hkv == heads."""
+    batch, kv_heads, length, dim = t.shape
+    if kv_heads == heads:
+        return t
+    if heads % kv_heads:
+        raise ValueError(
+            f"key, value: expected a number of heads that divides the query heads ({heads}), "
+            f"got {kv_heads}"
+        )
+    groups = heads // kv_heads
+    expanded = t[:, :, None].expand(batch, kv_heads, groups, length, dim)  # (B, Hkv, G, N, D)
+    return expanded.reshape(batch, heads, length, dim)  # (B, Hkv, G, N, D) -> (B, H, N, D)
+
+
+def _padding_from_2d(mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
+    """A (B, Nk) key padding mask (bool or 0/1, True = keep) -> bool, or None if it keeps all."""
+    if mask is None:
+        return None
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, kv_len):
+        raise ValueError(
+            f"attention_mask: expected None, a (B, Nk) = {(batch, kv_len)} key padding mask or a "
+            f"4-D mask, got shape {tuple(mask.shape)}"
+        )
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    return None if bool(keep.all()) else keep
+
+
+def causal_and_padding_from_4d(mask: Tensor, q_len: int, kv_len: int) -> tuple[bool, Tensor | None]:
+    """Read a transformers 4-D mask as (causal, key padding mask (B, Nk) bool or None).
+
+    mask: (B or 1, 1 or H, Nq or 1, >= Nk), bool (True = keep) or float (0 = keep, at most
+    finfo.min / 2 or -inf = masked); only its first Nk keys count, as in transformers' SDPA path.
+    The last query's row keeps exactly the unpadded keys under bottom-right causality, so it is
+    the candidate padding; the mask must equal causal & padding, or padding alone, except on rows
+    that keep no key (which may be all-True). Anything else raises a ValueError.
+    """
+    if mask.shape[-1] < kv_len or mask.shape[-2] not in (1, q_len):
+        raise ValueError(
+            f"attention_mask: expected a 4-D mask of shape (B, 1, {q_len} or 1, >= {kv_len}), "
+            f"got {tuple(mask.shape)}"
+        )
+    keep = _keep_from_4d(mask[..., :kv_len])  # (B, 1, Nq or 1, Nk)
+    batch = keep.shape[0]
+    padding = keep[:, 0, -1, :]  # (B, 1, Nq, Nk) -> (B, Nk): the last query's row
+    padding_or_none = None if bool(padding.all()) else padding
+    if keep.shape[2] == 1:
+        return False, padding_or_none
+    rows = keep[:, 0]  # (B, 1, Nq, Nk) -> (B, Nq, Nk)
+    for causal in (True, False):
+        expected = keep_mask(
+            batch, q_len, kv_len, causal=causal, key_padding_mask=padding, device=mask.device
+        )[:, 0].expand_as(rows)  # (B, 1, Nq or 1, Nk) -> (B, Nq, Nk)
+        empty = ~expected.any(dim=-1, keepdim=True)  # (B, Nq, 1): rows that keep no key
+        if bool(((rows == expected) | (empty & rows.all(dim=-1, keepdim=True))).all()):
+            return causal, padding_or_none
+    raise ValueError(
+        "attention_mask: effattn backends take causality and key padding only, got a 4-D mask "
+        "that is neither causal + padding nor padding alone (a window, packed sequences or a "
+        "custom pattern); use one of transformers' own attention implementations for it"
+    )
+
+
+def _keep_from_4d(mask: Tensor) -> Tensor:
+    """A 4-D mask (bool True = keep, or additive float 0 / very negative) -> (B, 1, Nq', Nk)."""
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_floating_point():
+        keep = mask == 0
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool((keep | blocked).all()):
+            raise ValueError(
+                "attention_mask: expected an additive mask of 0 (keep) and large negative values "
+                "(masked), got other values (an additive bias such as ALiBi, which effattn "
+                "backends do not take)"
+            )
+    else:
+        raise TypeError(f"attention_mask: expected a bool or floating mask, got {mask.dtype}")
+    if keep.shape[1] != 1:
+        if not bool((keep == keep[:, :1]).all()):
+            raise ValueError(
+                f"attention_mask: expected one mask for all heads (dim 1 of size 1), got "
+                f"{keep.shape[1]} different per-head masks"
+            )
+        keep = keep[:, :1]  # (B, H, Nq, Nk) -> (B, 1, Nq, Nk)
+    return keep
+
+
+# -- the mask function (AttentionMaskInterface) -----------------------------------------------
+def key_padding_mask_interface(
+    batch_size: int,
+    cache_position: Tensor,
+    kv_length: int,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """transformers' mask hook for effattn: None, or the (B, Nk) bool key padding mask.
+
+    Args (as transformers' mask interface passes them):
+        batch_size: B.
+        cache_position: (Nq,) absolute positions of the queries.
+        kv_length: Nk, the number of keys the attention call will see.
+        kv_offset: absolute position of the first of them.
+        mask_function: the model's pattern predicate (causal, or causal with a window, chunks,
+            packed sequences, overlays); it must equal plain causal on the first and last
+            query's rows (checked in O(B * Nk)), else a ValueError names what to change.
+        attention_mask: None or the (B, >= kv_offset + Nk) bool padding mask (True = keep).
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, prepare_padding_mask
+
+    q_len = cache_position.shape[0]
+    first, last = int(cache_position[0]), int(cache_position[-1])
+    if last - kv_offset != kv_length - 1 or last - first != q_len - 1:
+        raise ValueError(
+            "cache_position: effattn backends align the last query with the last key, got "
+            f"queries at positions {first}..{last} over {kv_length} keys from position "
+            f"{kv_offset} (a static or pre-allocated cache); use the default dynamic cache"
+        )
+    if mask_function is not None:
+        sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+        _check_plain_causal(
+            sdpa_mask, mask_function, batch_size, cache_position, kv_length, kv_offset
+        )
+    if attention_mask is None:
+        return None
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, Nk)
+    padding = padding if padding.dtype == torch.bool else padding != 0
+    return None if bool(padding.all()) else padding
+
+
+def _check_plain_causal(
+    sdpa_mask: Callable,
+    mask_function: Callable,
+    batch_size: int,
+    cache_position: Tensor,
+    kv_length: int,
+    kv_offset: int,
+) -> None:
+    """Raise unless ``mask_function`` keeps exactly the causal keys on the first and last query's
+    rows. A sliding window, chunks or packed sequences all drop keys from the last row."""
+    rows = cache_position[[0, -1]]  # (2,) positions of the first and last query
+    got = sdpa_mask(
+        batch_size=batch_size,
+        cache_position=rows,
+        kv_length=kv_length,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=None,
+        allow_is_causal_skip=False,
+    )  # (B, 1, 2, Nk) bool
+    kv_positions = torch.arange(kv_length, device=rows.device) + kv_offset
+    expected = kv_positions[None, :] <= rows[:, None]  # (2, Nk)
+    if got is None or not bool((got[:, 0] == expected).all()):
+        raise ValueError(
+            "attention_mask: effattn backends take causality and key padding only, but the "
+            "model asks for another pattern (a sliding window, chunked attention, packed "
+            "sequences from position_ids that restart, or an overlay); put one sequence per "
+            "batch row (padding via attention_mask) and set the model's sliding_window / "
+            "attention_chunk_size to None"
+        )

@@ -1,0 +1,128 @@
+"""Reports and plots from results files: the Tay-style table's cells, several runs side by
+side, scaling exponents, and every output file written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from effattn.bench import plots, report
+from effattn.bench.spec import Point
+from effattn.bench.store import RESULTS, ResultsFile, Row
+from effattn.cli import main
+
+
+def _point(backend: str, n: int, mode: str = "fwd") -> Point:
+    return Point(backend, (), n, 1, 8, 64, "float32", "cpu", False, 2, mode)
+
+
+def _write_run(folder: Path, speed: float = 1.0, modes: tuple = ("fwd", "fwd_bwd")) -> Path:
+    """A run where full costs N^2 and sdpa N^1 (time and memory), sdpa OOMs at the largest N
+    in fwd_bwd, and an approximate backend has an error."""
+    store = ResultsFile(folder / RESULTS)
+    folder.mkdir(parents=True)
+    (folder / "env.json").write_text(json.dumps({"torch": "x", "cpu": "test cpu"}))
+    for mode in modes:
+        for n in (1024, 2048, 4096):
+            k = n / 1024
+            store.append(
+                Row.make(
+                    _point("full", n, mode),
+                    "ok",
+                    time_ms_median=10 * k * k / speed,
+                    time_ms_iqr=1.0,
+                    runs=5,
+                    peak_mem_mib=32 * k * k,
+                    flops=10**9,
+                )
+            )
+            if mode == "fwd_bwd" and n == 4096:
+                store.append(Row.make(_point("sdpa", n, mode), "oom", "RuntimeError: can't"))
+                continue
+            store.append(
+                Row.make(
+                    _point("sdpa", n, mode),
+                    "ok",
+                    time_ms_median=5 * k / speed,
+                    time_ms_iqr=0.5,
+                    runs=5,
+                    peak_mem_mib=1 * k,
+                    flops=10**9,
+                    rel_error=0.01 * k if mode == "fwd" else None,
+                )
+            )
+    store.append(Row.make(_point("lsh", 1024), "crashed", "killed by SIGSEGV"))
+    return folder
+
+
+def test_tidy_frame_has_relative_columns(tmp_path: Path):
+    frame = report.load_runs([_write_run(tmp_path / "a")])
+    row = frame[(frame["label"] == "sdpa") & (frame["n"] == 2048) & (frame["mode"] == "fwd")]
+    assert row["speedup_vs_full"].item() == pytest.approx(40 / 10)
+    assert row["mem_vs_full"].item() == pytest.approx(2 / 128)
+    assert row["noise_pct"].item() == pytest.approx(100 * 0.5 / 10)
+
+
+def test_scaling_exponent_is_the_log_log_slope():
+    assert report.scaling_exponent([1024, 2048, 4096], [1, 4, 16]) == pytest.approx(2.0)
+    assert report.scaling_exponent([1024], [1]) is None
+
+
+def test_tay_table_cells_and_columns(tmp_path: Path):
+    frame = report.load_runs([_write_run(tmp_path / "a")])
+    sections = report.tay_tables(frame)
+    assert len(sections) == 2  # fwd, fwd_bwd
+    fwd = sections[0]
+    speed = fwd.speed.set_index("backend")
+    assert list(speed.index[:2]) == ["full", "sdpa"]
+    assert speed.loc["sdpa", "N=2048"] == "10 ±5% (4x)"
+    assert speed.loc["full", "time exp."] == "2"
+    assert speed.loc["sdpa", "complexity"] == "O(N^2)"
+    assert "rel_error (N=4096)" in speed.columns
+    assert speed.loc["lsh", "N=1024"] == "crashed"
+    memory = fwd.memory.set_index("backend")
+    assert memory.loc["sdpa", "memory exp."] == "1"
+    assert sections[1].speed.set_index("backend").loc["sdpa", "N=4096"] == "OOM"
+    assert any("SIGSEGV" in note for note in fwd.notes)
+
+
+def test_two_runs_side_by_side(tmp_path: Path):
+    frame = report.load_runs([_write_run(tmp_path / "cpu"), _write_run(tmp_path / "gpu", 10)])
+    speed = report.tay_tables(frame)[0].speed
+    assert {"N=1024 cpu", "N=1024 gpu", "time exp. cpu", "time exp. gpu"} <= set(speed.columns)
+
+
+def test_report_writes_every_format(tmp_path: Path, capsys):
+    run = _write_run(tmp_path / "a")
+    prefix = tmp_path / "out" / "table"
+    assert (
+        main(["report", str(run), "--format", "md", "csv", "tex", "html", "--out", str(prefix)])
+        == 0
+    )
+    for ext in ("md", "csv", "tex", "html"):
+        assert (prefix.parent / f"table.{ext}").stat().st_size > 0
+    assert "| backend" in capsys.readouterr().out
+    assert "<table" in (prefix.parent / "table.html").read_text()
+    assert "time_ms_median" in (prefix.parent / "table.csv").read_text()
+
+
+def test_plot_writes_png_and_svg(tmp_path: Path):
+    run = _write_run(tmp_path / "a", modes=("fwd",))
+    out = tmp_path / "plots"
+    assert main(["plot", str(run), "--out", str(out), "--prefix", "t"]) == 0
+    names = {p.name for p in out.iterdir()}
+    for kind in ("time", "memory", "speedup", "error"):
+        assert f"t-fwd-{kind}.png" in names and f"t-fwd-{kind}.svg" in names
+    assert "t-patterns.png" in names
+
+
+def test_plot_functions_return_figures(tmp_path: Path):
+    frame = report.load_runs([_write_run(tmp_path / "a")])
+    fwd = frame[frame["mode"] == "fwd"]
+    fig = plots.plot_time(fwd)
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+    assert "time_ms_median" in fig.axes[0].get_ylabel()
+    paths = plots.save_figure(fig, tmp_path / "x")
+    assert [p.suffix for p in paths] == [".png", ".svg"]

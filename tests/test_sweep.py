@@ -1,0 +1,178 @@
+"""The sweep engine end to end: the smoke preset, budgets and crashes becoming cells, resuming
+after a kill, a torn last line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from effattn import registry
+from effattn.bench.runner import run_sweep
+from effattn.bench.spec import Grid, Settings, SweepSpec, expand, load_preset
+from effattn.bench.store import RESULTS, ResultsFile
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Grid(backends=("full",), seq_lens=(32,), heads=(1,), head_dim=(8,), device=("cpu",),
+            threads=(1,))  # fmt: skip
+FAST = Settings(min_run_time_s=0.01, time_limit_s=60)
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Test-only plugin backends (one of them aborts) must not outlive their test."""
+    saved = dict(registry._REGISTRY)
+    modules = set(sys.modules)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+    for name in set(sys.modules) - modules:
+        if name.startswith("effattn_plugin_"):
+            del sys.modules[name]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return ResultsFile(run_dir / RESULTS).read()
+
+
+def test_smoke_preset_end_to_end(tmp_path: Path):
+    spec = load_preset("smoke")
+    points, _ = expand(spec, strict=True)
+    run_sweep(spec, tmp_path)
+    rows = _rows(tmp_path)
+    assert sorted(r["key"] for r in rows) == sorted(p.key for p in points)
+    assert {r["status"] for r in rows} == {"ok"}, [r["reason"] for r in rows]
+    for r in rows:
+        assert r["time_ms_median"] > 0 and r["peak_mem_mib"] >= 0 and r["flops"] > 0
+        assert r["gflop_per_s"] > 0 and r["tokens_per_s"] > 0
+    assert {r["mode"] for r in rows} == {"fwd", "fwd_bwd", "step"}
+    env = json.loads((tmp_path / "env.json").read_text())
+    for key in ("python", "torch", "triton", "cpu", "threads", "git_commit", "command"):
+        assert key in env
+
+
+def test_out_of_memory_becomes_a_cell_and_cuts_larger_n(tmp_path: Path):
+    grid = dataclasses.replace(TINY, seq_lens=(2048, 4096), heads=(4,))
+    spec = SweepSpec("oom", dataclasses.replace(FAST, mem_limit_mib=8), (grid,))
+    run_sweep(spec, tmp_path)
+    by_n = {r["n"]: r for r in _rows(tmp_path)}
+    assert by_n[2048]["status"] == "oom", by_n[2048]["reason"]
+    assert by_n[4096]["status"] == "skipped"
+    assert "out of budget at N=2048" in by_n[4096]["reason"]
+    assert by_n[4096]["time_ms_median"] is None
+
+
+def test_timeout_becomes_a_cell(tmp_path: Path):
+    spec = SweepSpec("slow", dataclasses.replace(FAST, time_limit_s=0.01), (TINY,))
+    run_sweep(spec, tmp_path)
+    (row,) = _rows(tmp_path)
+    assert row["status"] == "timeout" and "time limit" in row["reason"]
+
+
+def test_unsupported_becomes_a_cell_without_a_worker(tmp_path: Path):
+    plugin = tmp_path / "forward_only.py"
+    extra = "supports_backward = False"
+    plugin.write_text(_PLUGIN.format(name="fwdonly", body="return q", extra=extra))
+    spec = SweepSpec(
+        "na",
+        FAST,
+        (dataclasses.replace(TINY, backends=("fwdonly",), mode=("fwd_bwd",)),),
+        (str(plugin),),
+    )
+    run_sweep(spec, tmp_path / "run")
+    (row,) = _rows(tmp_path / "run")
+    assert row["status"] == "unsupported" and "backward" in row["reason"]
+
+
+_PLUGIN = """
+import os
+from dataclasses import dataclass
+from effattn.backend import Backend
+from effattn.registry import register_backend
+
+
+@register_backend("{name}")
+@dataclass(frozen=True)
+class TestOnly(Backend):
+    {extra}
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, scale):
+        {body}
+"""
+
+
+def test_crash_becomes_a_cell(tmp_path: Path):
+    plugin = tmp_path / "crasher.py"
+    plugin.write_text(_PLUGIN.format(name="crasher", body="os.abort()", extra="exact = True"))
+    grid = dataclasses.replace(TINY, backends=("crasher", "full"))
+    spec = SweepSpec("crash", FAST, (grid,), (str(plugin),))
+    run_sweep(spec, tmp_path / "run")
+    rows = {r["backend"]: r for r in _rows(tmp_path / "run")}
+    assert rows["crasher"]["status"] == "crashed"
+    assert "SIGABRT" in rows["crasher"]["reason"]
+    assert rows["full"]["status"] == "ok"  # the sweep went on
+
+
+def test_python_error_becomes_a_crashed_cell(tmp_path: Path):
+    plugin = tmp_path / "raiser.py"
+    body = "raise RuntimeError('boom')"
+    plugin.write_text(_PLUGIN.format(name="raiser", body=body, extra="exact = True"))
+    spec = SweepSpec("err", FAST, (dataclasses.replace(TINY, backends=("raiser",)),),
+                     (str(plugin),))  # fmt: skip
+    run_sweep(spec, tmp_path / "run")
+    (row,) = _rows(tmp_path / "run")
+    assert row["status"] == "crashed" and "RuntimeError: boom" in row["reason"]
+
+
+def _sweep_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "effattn", "sweep", "smoke", "--out", str(out),
+            "--run-id", "r", "--quiet"]  # fmt: skip
+
+
+def test_killed_sweep_resumes_without_duplicate_or_loss(tmp_path: Path):
+    results = tmp_path / "r" / RESULTS
+    proc = subprocess.Popen(
+        _sweep_command(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if results.exists() and len(results.read_bytes().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
+    proc.wait()
+    before = _rows(tmp_path / "r")
+    assert 3 <= len(before) < 10
+    with open(results, "ab") as f:  # as if killed in the middle of writing a line
+        f.write(b'{"key": "torn')
+    done = subprocess.run(_sweep_command(tmp_path), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = _rows(tmp_path / "r")
+    keys = [r["key"] for r in after]
+    points, _ = expand(load_preset("smoke"), strict=True)
+    assert len(keys) == len(set(keys)) == len(points)
+    assert set(keys) == {p.key for p in points}
+    assert [r["key"] for r in before] == keys[: len(before)]  # finished rows kept as they were
+    assert results.read_bytes().endswith(b"\n")
+
+
+def test_rerun_of_a_finished_sweep_measures_nothing(tmp_path: Path):
+    spec = SweepSpec("again", FAST, (TINY,))
+    run_sweep(spec, tmp_path)
+    first = (tmp_path / RESULTS).read_bytes()
+    run_sweep(spec, tmp_path)
+    assert (tmp_path / RESULTS).read_bytes() == first
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_non_positive_length_is_refused(n: int):
+    with pytest.raises(ValueError, match="positive"):
+        expand(SweepSpec("bad", FAST, (dataclasses.replace(TINY, seq_lens=(n,)),)), strict=True)
