@@ -72,18 +72,37 @@ def _to_hf(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)  # (B, H, N, D) -> (B, N, H*D)
 
 
-def implementations(
+def effattn_lsh_call(
     q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int, scale: float | None
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """Calls of each implementation on shared-QK inputs q, v: (B, H, N, D) -> (B, H, N, D).
-    ``scale``: ours; None = 1/sqrt(D) (reformer-pytorch's convention), 1.0 = HF's."""
+) -> Callable[[], torch.Tensor]:
+    """Our `lsh` backend on shared-QK inputs q, v: (B, H, N, D) -> (B, H, N, D).
+    ``scale``: None = 1/sqrt(D) (reformer-pytorch's convention), 1.0 = HF's."""
+    ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
+    return lambda: ours(q, q, v, scale=scale)
+
+
+def reformer_pytorch_call(
+    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int
+) -> Callable[[], torch.Tensor]:
+    """reformer-pytorch's ``LSHAttention`` on shared-QK q, v: (B, H, N, D) -> (B, H, N, D).
+    Raises ImportError when reformer-pytorch is not installed."""
     from reformer_pytorch.reformer_pytorch import LSHAttention
+
+    b, h, n, d = q.shape
+    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes).eval()
+    qk_flat, v_flat = q.reshape(b * h, n, d), v.reshape(b * h, n, d)  # (B, H, N, D) -> (BH, N, D)
+    return lambda: lucid(qk_flat, v_flat)[0].view(b, h, n, d)  # (BH, N, D) -> (B, H, N, D)
+
+
+def hf_lsh_call(
+    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int
+) -> Callable[[], torch.Tensor]:
+    """HF transformers' ``LSHSelfAttention`` core (projections bypassed) on shared-QK q, v:
+    (B, H, N, D) -> (B, H, N, D); its scale is 1. Raises ImportError without transformers."""
     from transformers import ReformerConfig
     from transformers.models.reformer.modeling_reformer import LSHSelfAttention
 
     b, h, n, d = q.shape
-    ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
-    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes).eval()
     config = ReformerConfig(
         attention_head_size=d,
         num_attention_heads=h,
@@ -99,19 +118,24 @@ def implementations(
     )
     hf = LSHSelfAttention(config).eval()
     hf.query_key, hf.value = nn.Identity(), _Fixed(_to_hf(v))
-    qk_flat, v_flat = q.reshape(b * h, n, d), v.reshape(b * h, n, d)  # (B, H, N, D) -> (BH, N, D)
-
-    def run_lucid() -> torch.Tensor:
-        return lucid(qk_flat, v_flat)[0].view(b, h, n, d)  # (BH, N, D) -> (B, H, N, D)
+    hidden = _to_hf(q)
 
     def run_hf() -> torch.Tensor:
-        out = hf(_to_hf(q)).hidden_states  # (B, N, H*D)
+        out = hf(hidden).hidden_states  # (B, N, H*D)
         return out.view(b, n, h, d).transpose(1, 2)  # -> (B, H, N, D)
 
+    return run_hf
+
+
+def implementations(
+    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int, scale: float | None
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Calls of each implementation on shared-QK inputs q, v: (B, H, N, D) -> (B, H, N, D).
+    ``scale``: ours; None = 1/sqrt(D) (reformer-pytorch's convention), 1.0 = HF's."""
     return {
-        OURS: lambda: ours(q, q, v, scale=scale),
-        "reformer_pytorch": run_lucid,
-        "hf_transformers": run_hf,
+        OURS: effattn_lsh_call(q, v, bucket_size, n_hashes, scale),
+        "reformer_pytorch": reformer_pytorch_call(q, v, bucket_size, n_hashes),
+        "hf_transformers": hf_lsh_call(q, v, bucket_size, n_hashes),
     }
 
 

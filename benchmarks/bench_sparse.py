@@ -17,6 +17,8 @@ log(peak) over log(N) for N = 2K..32K, and peak(16K) / peak(4K) (target <= 4.5).
 
     .venv/bin/python -m benchmarks.bench_sparse                      # writes reports/sparse/
     .venv/bin/python -m benchmarks.bench_sparse --repeats 2 --no-peers --mem-ns 2048,4096
+    .venv/bin/python -m benchmarks.bench_sparse --only "local bidirectional forward" \
+        --repeats 7 --mem-ns 4096,16384 --out reports/sparse/local_forward
 """
 
 from __future__ import annotations
@@ -170,9 +172,13 @@ def sdpa(n: int, causal: bool) -> Callable[[], object]:
     )
 
 
-def run_timings(n: int, repeats: int, threads: int, peers: bool, min_run_s: float) -> list[dict]:
+def run_timings(
+    n: int, repeats: int, threads: int, peers: bool, min_run_s: float, only: str = ""
+) -> list[dict]:
     rows = []
     for group, candidates in timing_cases(n, peers).items():
+        if only not in group:
+            continue
         fns = {name: make() for name, make in candidates.items()}
         medians: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
@@ -264,7 +270,7 @@ def write_report(out: Path, args: argparse.Namespace, timings, memory, align) ->
         "ratio_to_ours = median of per-repeat peer/ours ratios (> 1: ours is faster), "
         "peak_mem_mib = extra memory of one call above its inputs (profiler memory events). "
         "The 2-core machine is shared with other jobs: a repeat run under load shows in "
-        "repeats_ms (ours suffers more from load than flex: its copies are memory-bound).",
+        "repeats_ms; compare ratios within a repeat, not absolute times across runs.",
         f"Pattern FLOP floor of local w={WINDOW} (exact band pairs): {floor_gflop:.2f} GFLOP, "
         f"{floor_ms:.1f} ms at the {CEILING_GFLOPS} GFLOP/s matmul ceiling of this machine "
         "(x_flop_floor = time / that).",
@@ -311,11 +317,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-ns", default="2048,4096,8192,16384,32768")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", default="reports/sparse")
+    parser.add_argument("--only", default="", help="time only the cases containing this text")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     align = alignment_check(1024) if not args.no_peers else {}
-    timings = run_timings(args.n, args.repeats, args.threads, not args.no_peers, args.min_run_s)
+    timings = run_timings(
+        args.n, args.repeats, args.threads, not args.no_peers, args.min_run_s, args.only
+    )
     memory = memory_exponents([int(x) for x in args.mem_ns.split(",")])
     write_report(Path(args.out), args, timings, memory, align)
 

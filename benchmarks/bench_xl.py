@@ -53,20 +53,20 @@ class Row:
     threads: int  # torch intra-op threads, pinned
 
 
-def _hf_modeling():
-    try:
-        from transformers.models.deprecated.transfo_xl import modeling_transfo_xl
-    except ImportError:
-        return None
+def hf_modeling():
+    """HF transformers' Transformer-XL module (4.x only; 5.x removed it); raises ImportError."""
+    from transformers.models.deprecated.transfo_xl import modeling_transfo_xl
+
     return modeling_transfo_xl
 
 
-def _paired_layers(mem_len: int):
+def paired_layers(mem_len: int):
     """Ours and HF's layer with the same weights (HF's is None when transformers lacks it)."""
     ours = TransformerXLAttention(E, H, mem_len=mem_len, bias=False).eval()
     norm = nn.LayerNorm(E).eval()
-    modeling = _hf_modeling()
-    if modeling is None:
+    try:
+        modeling = hf_modeling()
+    except ImportError:
         return ours, norm, None, None
     hf = modeling.RelPartialLearnableMultiHeadAttn(H, E, E // H, 0.0).eval()
     with torch.no_grad():
@@ -83,7 +83,7 @@ def _paired_layers(mem_len: int):
     return ours, norm, hf, modeling.PositionalEmbedding(E)
 
 
-def _hf_call(hf, pos_emb, x: torch.Tensor, mems: torch.Tensor) -> Callable[[], torch.Tensor]:
+def hf_call(hf, pos_emb, x: torch.Tensor, mems: torch.Tensor) -> Callable[[], torch.Tensor]:
     """HF's layer on batch-first x (1, L, E) with mems (1, M, E), in its (len, batch, E) layout."""
     q_len, m_len = x.shape[1], mems.shape[1]
     k_len = q_len + m_len
@@ -129,20 +129,30 @@ def _measure(
     ]
 
 
-def bench_layer(q_len: int, mem_len: int, **kw) -> tuple[list[Row], float | None]:
-    ours, norm, hf, pos_emb = _paired_layers(mem_len)
+def layer_calls(q_len: int, mem_len: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Ours (with HF's residual and post-LayerNorm around it) and HF's layer, same weights, on
+    the same x (1, q_len, E) and memory (1, mem_len, E); both return (1, q_len, E) batch-first.
+    HF's entry is absent when transformers lacks Transformer-XL."""
+    ours, norm, hf, pos_emb = paired_layers(mem_len)
     x, mems = torch.randn(1, q_len, E), torch.randn(1, mem_len, E)
-    fns: dict[str, Callable[[], object]] = {OURS: lambda: norm(x + ours(x, mems)[0])}
-    max_diff = None
+    fns: dict[str, Callable[[], torch.Tensor]] = {OURS: lambda: norm(x + ours(x, mems)[0])}
     if hf is not None:
-        fns["hf_transformers"] = _hf_call(hf, pos_emb, x, mems)
+        hf_fn = hf_call(hf, pos_emb, x, mems)  # (q_len, 1, E)
+        fns["hf_transformers"] = lambda: hf_fn().transpose(0, 1)  # -> (1, q_len, E)
+    return fns
+
+
+def bench_layer(q_len: int, mem_len: int, **kw) -> tuple[list[Row], float | None]:
+    fns = layer_calls(q_len, mem_len)
+    max_diff = None
+    if "hf_transformers" in fns:
         with torch.no_grad():
-            max_diff = (fns[OURS]() - fns["hf_transformers"]().transpose(0, 1)).abs().max().item()
+            max_diff = (fns[OURS]() - fns["hf_transformers"]()).abs().max().item()
     return _measure("layer", q_len + mem_len, fns, **kw), max_diff
 
 
 def bench_decode(context: int, **kw) -> list[Row]:
-    ours, norm, hf, pos_emb = _paired_layers(mem_len=context)
+    ours, norm, hf, pos_emb = paired_layers(mem_len=context)
     history, token = torch.randn(1, context, E), torch.randn(1, 1, E)
     everything = torch.cat([history, token], dim=1)  # (1, ctx + 1, E)
     fns: dict[str, Callable[[], object]] = {
@@ -150,7 +160,7 @@ def bench_decode(context: int, **kw) -> list[Row]:
         "effattn_recompute": lambda: norm(everything + ours(everything)[0])[:, -1:],
     }
     if hf is not None:
-        fns["hf_transformers"] = _hf_call(hf, pos_emb, token, history)
+        fns["hf_transformers"] = hf_call(hf, pos_emb, token, history)
     return _measure("decode", context, fns, **kw)
 
 

@@ -237,6 +237,7 @@ def _timed(fn, inputs, grad_out, backward: bool, row: dict) -> Row:
 
 def dense_methods(args, n: int, head_dim: int, causal: bool, mode: str, device) -> dict:
     import torch.nn.functional as F
+
     from effattn.kernels.flash import flash_attention
 
     flops = dense_flops(args.batch, args.heads, n, head_dim, causal=causal, mode=mode)
@@ -275,10 +276,9 @@ def _compiled_flex(flex_attention):
 
 
 def sparse_methods(args, pred, n: int, head_dim: int, mode: str, device) -> dict:
+    from effattn.backend import Pattern
     from effattn.kernels.block_mask import BlockMask
     from effattn.kernels.block_sparse import block_sparse_attention
-
-    from effattn.backend import Pattern
     from effattn.patterns import dense_mask
     from effattn.reference import pattern_attention
 

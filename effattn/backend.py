@@ -62,7 +62,9 @@ class Backend:
     """
 
     name: ClassVar[str] = ""  # set by register_backend
-    exact: ClassVar[bool] = True  # equals dense softmax attention (over the keep-mask)?
+    # True if the output equals full attention (softmax over every pair that causality and key
+    # padding allow); False for backends that attend to a subset (sparse, LSH, segments).
+    exact: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = True
     supports_bidirectional: ClassVar[bool] = True  # False for inherently causal ones (recurrence)
     supports_padding_mask: ClassVar[bool] = True

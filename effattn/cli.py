@@ -2,7 +2,8 @@
 
     effattn list
     effattn sweep [PRESET] [--backends full sdpa local:window=256] [--seq-lens 1024 2048] ...
-    effattn report RUN... [--format md csv tex html] [--out PREFIX]
+                  [--workers N] [--executor submitit --partition P --gpus-per-task G ...]
+    effattn report RUN... [--merge] [--format md csv tex html] [--out PREFIX]
     effattn plot RUN... [--out DIR]
 
 Bad input (unknown backend, option or preset, a length that is not a positive integer) is
@@ -38,6 +39,12 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
 
 
 def _bool(text: str) -> bool:
@@ -99,12 +106,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="set earlier results of this run id aside first"
     )
     sweep.add_argument("--quiet", action="store_true", help="no table at the end")
+    sweep.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="points measured at once, one GPU each (CUDA only; CPU sweeps refuse N > 1)",
+    )
+    sweep.add_argument(
+        "--executor",
+        choices=["local", "submitit"],
+        default="local",
+        help="local: worker processes here; submitit: a Slurm job array",
+    )
+    slurm = sweep.add_argument_group("--executor submitit (Slurm through submitit)")
+    slurm.add_argument(
+        "--slurm-config",
+        type=Path,
+        metavar="FILE.toml",
+        help="a [slurm] table: the options below, plus slurm_* parameters",
+    )
+    slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    slurm.add_argument(
+        "--gpus-per-task",
+        type=_non_negative_int,
+        metavar="G",
+        help="GPUs per array task (default 1; 0: CPU points)",
+    )
+    slurm.add_argument(
+        "--slurm-time",
+        type=_positive_int,
+        metavar="MIN",
+        help="time limit of each array task, minutes (default 60)",
+    )
+    slurm.add_argument(
+        "--array-parallelism",
+        type=_positive_int,
+        metavar="K",
+        help="array tasks at most, each with whole curves (default 16)",
+    )
+    slurm.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        metavar="R",
+        help="resubmissions of a dead task's unmeasured points (default 1)",
+    )
+    slurm.add_argument(
+        "--cluster",
+        choices=["slurm", "local", "debug"],
+        help="submitit's cluster (default: slurm where sbatch exists, else local)",
+    )
 
     report = sub.add_parser("report", help="Tay-style tables from one or several runs")
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders or ids")
-    report.add_argument("--format", nargs="+", choices=["md", "csv", "tex", "html"],
-                        default=["md"])  # fmt: skip
+    report.add_argument("--format", nargs="+", choices=["md", "csv", "tex", "html"], default=["md"])
     report.add_argument("--out", type=Path, help="file prefix: writes PREFIX.md, PREFIX.csv, ...")
+    report.add_argument(
+        "--merge",
+        action="store_true",
+        help="the runs as one (jobs or machines of one sweep): a row per point",
+    )
 
     plot = sub.add_parser("plot", help="time, memory, speed-up, error and pattern plots")
     plot.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders or ids")
@@ -166,6 +227,8 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[Any, bool]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from effattn.bench import report, runner
     from effattn.bench.spec import expand
     from effattn.bench.worker import load_plugins
@@ -173,7 +236,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec, overridden = _sweep_spec(args)
     load_plugins(spec.plugins)
     strict = args.backends is not None
-    points, messages = expand(spec, strict=strict)  # checks every axis before anything runs
+    options = None
+    if args.executor == "submitit":
+        from effattn.bench import executors
+
+        if args.workers != 1:
+            raise ValueError(
+                f"workers: expected 1 with --executor submitit, got {args.workers} "
+                "(each array task uses all its --gpus-per-task GPUs, one point per GPU)"
+            )
+        options = executors.load_slurm_options(
+            args.slurm_config,
+            partition=args.partition,
+            gpus_per_task=args.gpus_per_task,
+            time_min=args.slurm_time,
+            array_parallelism=args.array_parallelism,
+            retries=args.retries,
+        )
+        points, messages = executors.cluster_points(spec, options, strict=strict), []
+    else:
+        points, messages = expand(spec, strict=strict)  # checks every axis before anything runs
+        runner.gpu_slots(args.workers, points)  # refuses --workers > 1 for CPU points
     if not points:
         raise ValueError("sweep: no point to measure: " + "; ".join(messages or ["empty spec"]))
     devices = "-".join(sorted({p.device for p in points}))
@@ -181,16 +264,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run_dir = args.out / run_id
     if args.fresh and (old := runner.archive_results(run_dir)) is not None:
         print(f"earlier results set aside: {old}", file=sys.stderr)
-    results = runner.run_sweep(spec, run_dir, strict=strict)
+    if options is None:
+        results = runner.run_sweep(spec, run_dir, strict=strict, workers=args.workers)
+    else:
+        from effattn.bench.store import environment, write_env
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_env(run_dir, environment((p.threads for p in points), dataclasses.asdict(spec)))
+        results = executors.submit_sweep(spec, points, run_dir, options, cluster=args.cluster)
     if not args.quiet:
         print(report.render_markdown(report.load_runs([results.parent])))
     return 0
 
 
+def _merged_run(runs: list[Path], folder: Path) -> Path:
+    """The rows of ``runs`` as one run folder under ``folder`` (a row per point key, the latest
+    wins), named RUN_A+RUN_B."""
+    import json
+
+    from effattn.bench import report
+    from effattn.bench.store import RESULTS, merge_rows
+
+    paths = [report.resolve_run(run) for run in runs]
+    merged = folder / "+".join(p.parent.name for p in paths)
+    merged.mkdir(parents=True)
+    lines = [json.dumps(row, sort_keys=True) + "\n" for row in merge_rows(paths)]
+    (merged / RESULTS).write_text("".join(lines))
+    return merged
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    import tempfile
+
     from effattn.bench import report
 
-    frame = report.load_runs(args.runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [_merged_run(args.runs, Path(tmp))] if args.merge else args.runs
+        frame = report.load_runs(runs)
     if args.out is None:
         if args.format != ["md"]:
             raise ValueError("report: --format other than md needs --out PREFIX")

@@ -14,6 +14,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from effattn.kernels import _runtime
 from effattn.kernels._runtime import interpreting
 from effattn.kernels._tiles import (
@@ -26,7 +28,6 @@ from effattn.kernels._tiles import (
 )
 from effattn.kernels.block_mask import BlockMask
 from effattn.kernels.flash import LOG2E, kernel_flags, new_like, padding_as_uint8, row_delta
-from torch import Tensor
 
 
 @triton.jit

@@ -25,6 +25,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from effattn.kernels import _runtime
 from effattn.kernels._runtime import (
     check_block_size,
@@ -43,7 +45,6 @@ from effattn.kernels._tiles import (
     load_rows,
     store_rows,
 )
-from torch import Tensor
 
 LOG2E = 1.4426950408889634
 # The single tile size under the interpreter (the autotuner cannot time there).

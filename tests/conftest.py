@@ -7,10 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import effattn  # noqa: E402
-from effattn.registry import _REGISTRY  # noqa: E402
+import effattn
+from effattn.registry import _REGISTRY
 
 
 @pytest.fixture(autouse=True)

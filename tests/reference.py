@@ -53,7 +53,7 @@ def reference_attention(
     masked = torch.where(keep, scores, torch.full_like(scores, -torch.inf))
     row_max = masked.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    unnorm = torch.where(keep, w * torch.exp(scores - row_max), torch.zeros_like(scores))
+    unnorm = torch.where(keep, w * torch.exp(masked - row_max), torch.zeros_like(scores))
     denom = unnorm.sum(dim=-1, keepdim=True)
     probs = unnorm / torch.where(denom == 0, torch.ones_like(denom), denom)
     return torch.einsum("bhij,bhjd->bhid", probs, v64)

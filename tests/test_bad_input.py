@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError or TypeError that names the argument, what was expected and what came."""
+"""Bad input gets a ValueError or TypeError naming the argument, what was expected, what came."""
 
 from __future__ import annotations
 

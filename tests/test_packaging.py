@@ -1,4 +1,4 @@
-"""The layout promised by the design: kernels/ is the subpackage effattn.kernels, never `kernels`."""
+"""The layout promised by the design: kernels/ is the subpackage effattn.kernels, not `kernels`."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from effattn.kernels import _runtime
 
 import effattn
+from effattn.kernels import _runtime
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention
 

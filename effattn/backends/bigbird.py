@@ -44,11 +44,12 @@ from effattn.blocksparse import (
 from effattn.ops import attention_flops
 from effattn.patterns import Predicate, block_table
 from effattn.registry import register_backend
+from effattn.sparse_dispatch import Impl, SparseImplMixin, triton_sparse_attention, uses_triton
 
 
 @register_backend("bigbird")
 @dataclass(frozen=True)
-class BigBirdAttention(Backend):
+class BigBirdAttention(SparseImplMixin, Backend):
     """BigBird ITC: window + global + random key blocks per query block; global rows dense."""
 
     block_size: int = 64  # positions per block, for queries and keys
@@ -56,8 +57,9 @@ class BigBirdAttention(Backend):
     num_global_blocks: int = 2  # global blocks: ceil(n/2) first and floor(n/2) last
     num_random_blocks: int = 3  # random key blocks per query block (and head)
     seed: int = 0  # seed of the random blocks; fixed per (Nq, Nk, H, seed)
+    impl: Impl = "auto"  # torch, triton (fused block-sparse kernel), auto: triton on CUDA
 
-    exact = True
+    exact = False  # attends to a subset of the pairs full attention would
     supports_causal = False
     complexity = "O(N)"
     memory_complexity = "O(N)"
@@ -159,6 +161,15 @@ class BigBirdAttention(Backend):
         _, heads, q_len, _ = q.shape
         kv_len, b = k.shape[2], self.block_size
         key = (self, q_len, kv_len, heads)  # the pattern is fixed by these (cache key)
+        if uses_triton(self.impl, q):
+            table = cached(
+                (key, "table", str(q.device)),
+                lambda: self.block_table(q_len, kv_len, heads, q.device),
+            )
+            per_head = [block_table(table[h], b) for h in range(heads)]  # (nbq, nbk) each
+            return triton_sparse_attention(
+                per_head, q, k, v, key_padding_mask=key_padding_mask, scale=scale, cache_key=key
+            )
         if self.is_dense(kv_len):
             one_row = torch.arange(1, device=q.device)  # the mask is the same for every row
             bias = rows_bias(None, one_row, kv_len, key_padding_mask, q.dtype, key)

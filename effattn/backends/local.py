@@ -33,6 +33,7 @@ from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, blocked, global_tokens, or_, sliding_window
 from effattn.patterns import causal as causal_pattern
 from effattn.registry import register_backend
+from effattn.sparse_dispatch import Impl, SparseImplMixin, triton_sparse_attention, uses_triton
 
 # Query block when block_size is None. Without autograd 32 was the fastest of 16/32/64/128 at
 # w=256 on the 2-core CPU; with autograd the gradient of each block's span (b + 2w keys) is
@@ -43,7 +44,7 @@ DEFAULT_BLOCK_WITH_GRAD = 128
 
 @register_backend("local")
 @dataclass(frozen=True)
-class LocalAttention(Backend):
+class LocalAttention(SparseImplMixin, Backend):
     """Sliding-window attention: exact band ``|i - j| <= window``, plus ``num_global`` global
     tokens (the first positions attend to, and are attended by, every position), or with
     ``blocked=True`` LRA's non-overlapping blocks of ``window`` positions.
@@ -55,8 +56,9 @@ class LocalAttention(Backend):
     num_global: int = 0  # the first num_global positions are global tokens (Longformer)
     blocked: bool = False  # LRA variant: non-overlapping blocks of `window` positions instead
     block_size: int | None = None  # query block (None: 32, 128 with autograd; blocked: window)
+    impl: Impl = "auto"  # torch, triton (fused block-sparse kernel), auto: triton on CUDA
 
-    exact = True
+    exact = False  # attends to a subset of the pairs full attention would
     complexity = "O(N*(k+m))"
     memory_complexity = "O(N*(k+m))"
     tay_class = "FP"
@@ -102,6 +104,16 @@ class LocalAttention(Backend):
         scale: float,
     ) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]
+        if uses_triton(self.impl, q):
+            return triton_sparse_attention(
+                self.predicate(q_len, kv_len, causal=causal),
+                q,
+                k,
+                v,
+                key_padding_mask=key_padding_mask,
+                scale=scale,
+                cache_key=(self, q_len, kv_len, causal),
+            )
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         b, left, right = self._tiling(q_len, kv_len, causal, grad)
         extra = None

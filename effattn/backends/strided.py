@@ -32,21 +32,23 @@ from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, or_, sliding_window, strided
 from effattn.patterns import causal as causal_pattern
 from effattn.registry import register_backend
+from effattn.sparse_dispatch import Impl, SparseImplMixin, triton_sparse_attention, uses_triton
 
 MIN_BLOCK = 128  # smallest query block; it grows as 2 * stride so that memory stays O(N)
 
 
 @register_backend("strided")
 @dataclass(frozen=True)
-class StridedAttention(Backend):
+class StridedAttention(SparseImplMixin, Backend):
     """Sparse Transformer attention: band ``|i - j| <= window`` plus every ``stride``-th key
     (``j % stride == stride - 1``); both default to ceil(sqrt(Nk))."""
 
     window: int | None = None  # inclusive offset of the band; None: ceil(sqrt(Nk))
     stride: int | None = None  # distance between summary keys; None: ceil(sqrt(Nk))
     block_size: int | None = None  # query block of the computation; None: max(128, 2*stride)
+    impl: Impl = "auto"  # torch, triton (fused block-sparse kernel), auto: triton on CUDA
 
-    exact = True
+    exact = False  # attends to a subset of the pairs full attention would
     complexity = "O(N*sqrt(N))"
     memory_complexity = "O(N*sqrt(N))"
     tay_class = "FP"
@@ -88,6 +90,16 @@ class StridedAttention(Backend):
         scale: float,
     ) -> Tensor:
         q_len, kv_len = q.shape[2], k.shape[2]
+        if uses_triton(self.impl, q):
+            return triton_sparse_attention(
+                self.predicate(q_len, kv_len, causal=causal),
+                q,
+                k,
+                v,
+                key_padding_mask=key_padding_mask,
+                scale=scale,
+                cache_key=(self, q_len, kv_len, causal),
+            )
         window, stride = self.resolved(kv_len)
         end = max(kv_len, stride - 1)  # no summary key when stride > Nk
         summaries = torch.arange(stride - 1, end, stride, device=q.device)  # (Nk/stride,)

@@ -51,7 +51,7 @@ class TransformerXLAttention(Backend):
     relative: Literal["bias", "full", "none"] = "bias"  # which relative-position terms (above)
     seed: int = 0  # seed of the fixed relative-position parameters (r projection, u, v)
 
-    exact = True
+    exact = False  # attends to segments with memory, not every earlier key
     supports_bidirectional = False
     complexity = "O(N*(S+M))"
     memory_complexity = "O(N*(S+M))"

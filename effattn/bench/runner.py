@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TextIO
 
@@ -51,42 +51,109 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_in_worker(point: Point, spec: SweepSpec, log: Path | None = None) -> tuple[str, str, dict]:
-    """Measure one point in a worker process: (status, reason, measured fields). The worker's
-    stdout and stderr go to ``log`` (appended) when given."""
-    ctx = _context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=worker_main, args=(child, point, spec.settings, list(spec.plugins), log), daemon=True
-    )
-    proc.start()
-    child.close()
-    limit = spec.settings.time_limit_s
-    with parent:
-        ready = wait([parent, proc.sentinel], timeout=limit)
-        result = None
-        if parent in ready or parent.poll(0):
+@dataclasses.dataclass
+class RunningWorker:
+    """A worker process measuring one point; :meth:`poll` gives its answer once there is one."""
+
+    point: Point
+    proc: mp.process.BaseProcess
+    conn: Connection  # the parent's end of the pipe
+    limit_s: float  # the point's time limit
+    log: Path | None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @classmethod
+    def start(
+        cls, point: Point, spec: SweepSpec, log: Path | None = None, gpu: str | None = None
+    ) -> RunningWorker:
+        """Fork a worker for ``point``; ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins its GPU."""
+        ctx = _context()
+        parent, child = ctx.Pipe(duplex=False)
+        args = (child, point, spec.settings, list(spec.plugins), log, gpu)
+        proc = ctx.Process(target=worker_main, args=args, daemon=True)
+        proc.start()
+        child.close()
+        return cls(point, proc, parent, spec.settings.time_limit_s, log)
+
+    def waitables(self) -> list:
+        return [self.conn, self.proc.sentinel]
+
+    def deadline(self) -> float:
+        return self.started + self.limit_s
+
+    def poll(self) -> tuple[str, str, dict] | None:
+        """(status, reason, measured fields) once the worker answered, died or ran out of time;
+        None while it is still measuring."""
+        if self.conn.poll(0):  # an answer, or EOF: the worker is gone
             try:
-                result = parent.recv()
+                result = self.conn.recv()
             except EOFError:
                 result = None
-    if result is None and not ready:
-        proc.kill()
-        proc.join()
-        return "timeout", f"over the time limit of {limit:g} s", {}
-    proc.join(timeout=30)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if result is not None:
-        return result.pop("status"), result.pop("reason"), result
-    code = proc.exitcode
-    if code == -signal.SIGKILL:
-        return "oom", "killed by SIGKILL (likely the kernel's out-of-memory killer)", {}
-    see = f" (see {log.name})" if log else ""
-    if code is not None and code < 0:
-        return "crashed", f"killed by {_signal_name(code)}{see}", {}
-    return "crashed", f"worker exited with code {code} without a result{see}", {}
+            return self._finish(result)
+        if not self.proc.is_alive():
+            return self._finish(self.conn.recv() if self.conn.poll(0) else None)
+        if time.monotonic() >= self.deadline():
+            self.proc.kill()
+            self.proc.join()
+            self.conn.close()
+            return "timeout", f"over the time limit of {self.limit_s:g} s", {}
+        return None
+
+    def _finish(self, result: dict | None) -> tuple[str, str, dict]:
+        self.conn.close()
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        if result is not None:
+            return result.pop("status"), result.pop("reason"), result
+        code = self.proc.exitcode
+        if code == -signal.SIGKILL:
+            return "oom", "killed by SIGKILL (likely the kernel's out-of-memory killer)", {}
+        see = f" (see {self.log.name})" if self.log else ""
+        if code is not None and code < 0:
+            return "crashed", f"killed by {_signal_name(code)}{see}", {}
+        return "crashed", f"worker exited with code {code} without a result{see}", {}
+
+
+def run_in_worker(
+    point: Point, spec: SweepSpec, log: Path | None = None, gpu: str | None = None
+) -> tuple[str, str, dict]:
+    """Measure one point in a worker process: (status, reason, measured fields). The worker's
+    stdout and stderr go to ``log`` (appended) when given."""
+    worker = RunningWorker.start(point, spec, log, gpu)
+    while (answer := worker.poll()) is None:
+        wait(worker.waitables(), timeout=max(0.0, worker.deadline() - time.monotonic()))
+    return answer
+
+
+def gpu_slots(workers: int, points: list[Point]) -> list[str | None]:
+    """One CUDA_VISIBLE_DEVICES value per worker slot: GPU i for slot i (of the GPUs this process
+    sees). A single slot keeps the environment as it is (None). Refused with ValueError: several
+    workers for CPU points (timings on shared cores are meaningless), or more workers than GPUs.
+    """
+    if workers < 1:
+        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    if workers == 1:
+        return [None]
+    if any(p.device == "cpu" for p in points):
+        raise ValueError(
+            f"workers: expected 1 for a sweep with CPU points, got {workers} (points timed at "
+            "once on shared cores would measure each other; use --device cuda, or --workers 1)"
+        )
+    import os
+
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",")] if visible else None
+    count = torch.cuda.device_count()
+    ids = (ids or [str(i) for i in range(count)])[:count]
+    if workers > len(ids):
+        raise ValueError(
+            f"workers: expected at most {len(ids)} (one per visible GPU), got {workers}"
+        )
+    return ids[:workers]
 
 
 def _unsupported(point: Point) -> list[str]:
@@ -142,51 +209,102 @@ def run_sweep(
     strict: bool = False,
     stream: TextIO = sys.stderr,
     on_row: Callable[[Row], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Measure every point of ``spec`` not already in ``run_dir``; returns the results path.
 
     strict: unknown backends raise instead of being skipped with a message.
+    workers: points measured at once, one GPU each (see :func:`gpu_slots`).
     """
     load_plugins(spec.plugins)
     points, messages = expand(spec, strict=strict)
+    slots = gpu_slots(workers, points)
     for message in messages:
         stream.write(message + "\n")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_env(run_dir, environment((p.threads for p in points), dataclasses.asdict(spec)))
-    results = ResultsFile(run_dir / RESULTS)
+    started = time.monotonic()
+    results = measure_points(points, spec, run_dir, slots=slots, stream=stream, on_row=on_row)
+    if stream.isatty():
+        stream.write("\n")
+    elapsed = _duration(time.monotonic() - started)
+    stream.write(f"sweep {run_dir.name}: {len(points)} points, {elapsed} (results: {results})\n")
+    return results
+
+
+def _curve(point: Point) -> str:
+    """The points of one curve differ only in N (a smaller N's budget cuts the larger ones)."""
+    return dataclasses.replace(point, n=0).key
+
+
+def measure_points(
+    points: list[Point],
+    spec: SweepSpec,
+    run_dir: Path,
+    *,
+    slots: list[str | None] = (None,),  # type: ignore[assignment]
+    stream: TextIO = sys.stderr,
+    on_row: Callable[[Row], None] | None = None,
+) -> Path:
+    """Measure ``points`` (in order) not already in ``run_dir``'s results, one worker process per
+    point, ``len(slots)`` at once, each slot pinned to its GPU (a CUDA_VISIBLE_DEVICES value, or
+    None: unchanged). The points of one curve run one after another, so a smaller N that ran out
+    of budget still cuts the larger ones; a slot never runs two points at once. Returns the
+    results path."""
+    results = ResultsFile(Path(run_dir) / RESULTS)
     done = {row["key"]: row for row in results.read()}
     progress = Progress(len(points), stream)
-    started = time.monotonic()
+    pending = []
     for point in points:
         if point.key in done:
             progress.done += 1
-            continue
-        reasons = _unsupported(point)
-        cut = None if reasons else _cut_off(point, done)
-        if reasons:
-            row = Row.make(point, "unsupported", "; ".join(reasons))
-        elif cut:
-            row = Row.make(point, "skipped", cut)
         else:
-            progress.show(point.describe())
-            t0 = time.monotonic()
-            status, reason, measured = run_in_worker(point, spec, run_dir / WORKER_LOG)
-            wall = time.monotonic() - t0
-            progress.measured_s += wall
-            progress.measured += 1
-            row = Row.make(point, status, reason, wall_s=round(wall, 3), **measured)
+            pending.append(point)
+    running: dict[int, RunningWorker] = {}  # slot index -> its worker
+
+    def record(row: Row) -> None:
         results.append(row)
         done[row.key] = dataclasses.asdict(row)
         progress.done += 1
         if on_row is not None:
             on_row(row)
-    if stream.isatty():
-        stream.write("\n")
-    elapsed = _duration(time.monotonic() - started)
-    stream.write(
-        f"sweep {run_dir.name}: {len(points)} points, {elapsed} (results: {results.path})\n"
-    )
+
+    while pending or running:
+        busy = {_curve(w.point) for w in running.values()}
+        for slot in (i for i in range(len(slots)) if i not in running):
+            point = next((p for p in pending if _curve(p) not in busy), None)
+            while point is not None:
+                pending.remove(point)
+                reasons = _unsupported(point)
+                cut = None if reasons else _cut_off(point, done)
+                if not (reasons or cut):
+                    break
+                status, why = ("unsupported", "; ".join(reasons)) if reasons else ("skipped", cut)
+                record(Row.make(point, status, why))
+                point = next((p for p in pending if _curve(p) not in busy), None)
+            if point is None:
+                break
+            progress.show(point.describe())
+            running[slot] = RunningWorker.start(
+                point, spec, Path(run_dir) / WORKER_LOG, slots[slot]
+            )
+            busy.add(_curve(point))
+        if not running:
+            continue
+        soonest = min(w.deadline() for w in running.values())
+        wait([x for w in running.values() for x in w.waitables()],
+             timeout=max(0.0, soonest - time.monotonic()))  # fmt: skip
+        for slot, worker in list(running.items()):
+            answer = worker.poll()
+            if answer is None:
+                continue
+            del running[slot]
+            status, reason, measured = answer
+            wall = time.monotonic() - worker.started
+            progress.measured_s += wall
+            progress.measured += 1
+            record(Row.make(worker.point, status, reason, wall_s=round(wall, 3), **measured))
     return results.path
 
 

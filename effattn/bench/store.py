@@ -5,8 +5,15 @@ reports/runs/<run-id>/
                     the command line, the spec
     results.jsonl   one Row per line, appended, flushed and fsync'd one at a time
 
-A sweep killed at any moment leaves at worst a half-written last line: it is ignored on read and
-cut off before the next append, so the point is measured again.
+Several processes may append to one results file at once (``--workers``, the array tasks of
+``--executor submitit``): each append holds an exclusive ``fcntl.flock`` on the file while it cuts
+a torn tail and writes its line with one ``write()`` on an O_APPEND descriptor, so lines never
+interleave (a line may exceed PIPE_BUF, the lock is what makes this safe; on NFS, Linux maps flock
+to POSIX byte-range locks). A sweep killed at any moment leaves at worst a half-written last
+line: it is ignored on read and cut off before the next append, so the point is measured again.
+
+Every row says where it ran (``host``, ``device_name``, ``gpu``, ``job_id``), so rows of several
+jobs or machines can be merged (:func:`merge_rows`: one row per point key, the latest wins).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -27,6 +35,11 @@ from typing import Any
 import torch
 
 from effattn.bench.spec import Point
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one writer per results file there
+    fcntl = None  # type: ignore[assignment]
 
 RESULTS = "results.jsonl"
 ENV = "env.json"
@@ -63,6 +76,10 @@ class Row:
     rel_error: float | None = None  # approximate backends: ||out - ref|| / ||ref||
     wall_s: float | None = None  # wall-clock seconds the worker took
     finished_at: str = ""  # UTC ISO time the row was written
+    host: str = ""  # hostname of the machine that wrote the row
+    device_name: str = ""  # the worker's CPU or GPU name ("" when no worker ran)
+    gpu: str = ""  # CUDA_VISIBLE_DEVICES the worker ran with ("" when not set)
+    job_id: str = ""  # Slurm (array) job id, or submitit's local job id; "" for a local sweep
 
     @classmethod
     def make(cls, point: Point, status: str, reason: str = "", **measured: Any) -> Row:
@@ -78,6 +95,7 @@ class Row:
             if measured.get("flops"):
                 measured.setdefault("gflop_per_s", measured["flops"] / seconds / 1e9)
         known = {f.name for f in dataclasses.fields(cls)}
+        measured = {**where(), **measured}
         return cls(
             key=point.key,
             label=point.label,
@@ -117,12 +135,39 @@ class ResultsFile:
                 f.truncate(data.rfind(b"\n") + 1)
 
     def append(self, row: Row) -> None:
-        self._cut_torn_tail()
-        line = json.dumps(dataclasses.asdict(row), sort_keys=True) + "\n"
-        with open(self.path, "ab") as f:
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one line, holding the file's lock (safe with concurrent writers)."""
+        line = (json.dumps(dataclasses.asdict(row), sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._cut_torn_tail()  # under the lock: a torn tail is a dead writer's
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def where() -> dict[str, str]:
+    """Where this process runs: host and job id (Slurm array task, or submitit's local job)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    else:
+        job = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or ""
+    return {"host": socket.gethostname(), "job_id": job}
+
+
+def merge_rows(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The rows of several results files as one: one row per point key, the one finished last
+    (ties: the later file) wins. For runs of one sweep split over jobs or machines."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for row in ResultsFile(path).read():
+            old = latest.get(row["key"])
+            if old is None or row.get("finished_at", "") >= old.get("finished_at", ""):
+                latest[row["key"]] = row
+    return list(latest.values())
 
 
 def _version(package: str) -> str | None:

@@ -16,6 +16,10 @@ server costs ~0.1 s). Each worker:
    "crashed", "reason": ...}.
 
 The time limit is enforced by the parent (effattn.bench.runner), which kills the worker.
+
+With several GPUs (``--workers N``) the parent gives each worker one GPU: the worker sets
+``CUDA_VISIBLE_DEVICES`` first thing, before anything initialises CUDA (the forkserver never does),
+so the point sees exactly one device, ``cuda:0``. Each answer names the device it ran on.
 """
 
 from __future__ import annotations
@@ -104,6 +108,16 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _device_of(point: Point) -> dict[str, str]:
+    """The name of the device the point ran on, and the GPU it was given (if any)."""
+    from effattn.bench.store import _cpu_name
+
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if point.device == "cuda":
+        return {"device_name": torch.cuda.get_device_name(0), "gpu": gpu}
+    return {"device_name": _cpu_name(), "gpu": ""}
+
+
 def run_point(point: Point, settings: Settings, plugins: list[str]) -> dict[str, Any]:
     """Measure ``point`` in this process; never raises (a failure becomes a status)."""
     try:
@@ -115,7 +129,7 @@ def run_point(point: Point, settings: Settings, plugins: list[str]) -> dict[str,
             m = measure_mod.measure(point, settings)
         if measure_mod.wants_error(point, settings):
             m = dataclasses.replace(m, rel_error=measure_mod.relative_error(point))
-        return {"status": "ok", "reason": "", **dataclasses.asdict(m)}
+        return {"status": "ok", "reason": "", **dataclasses.asdict(m), **_device_of(point)}
     except BaseException as err:  # report, never raise: the parent records a cell
         if is_oom(err):
             return {"status": "oom", "reason": _first_line(err)}
@@ -130,9 +144,13 @@ def worker_main(
     settings: Settings,
     plugins: list[str],
     log: Path | None = None,
+    gpu: str | None = None,
 ) -> None:
     """Process target: measure and send the result dict over ``conn``; stdout and stderr go to
-    ``log`` (appended) when given."""
+    ``log`` (appended) when given; ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins the one GPU the
+    point may use."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is initialised in this process
     if log is not None:
         sys.stdout.flush()
         sys.stderr.flush()

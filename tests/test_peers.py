@@ -1,0 +1,109 @@
+"""benchmarks.peers: the side-by-side table is produced, a missing peer is a skipped row with its
+reason, and output agreement is computed where the semantics match (tiny N, short timings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from benchmarks import peers
+from tests.reference import reference_attention
+
+FAST = {"repeats": 1, "threads": 2, "min_run_s": 0.01}
+
+
+def _missing_peer(n: int) -> peers.Call:
+    raise ImportError("No module named 'not_a_real_peer'")
+
+
+def _dense_with_missing_peer() -> peers.Comparison:
+    return peers.Comparison(
+        "dense",
+        {"effattn sdpa": peers.ours_backend("sdpa")},
+        (
+            peers.Peer("torch SDPA", peers.torch_sdpa, agreement_note="outputs compared"),
+            peers.Peer("ghost", _missing_peer, agreement_note="outputs compared"),
+        ),
+    )
+
+
+def test_missing_peer_is_a_skipped_row_with_its_reason():
+    ok, skipped = peers.measure(_dense_with_missing_peer(), 64, **FAST)
+    assert ok.status == "ok" and ok.reason == ""
+    assert ok.ours_ms > 0 and ok.peer_ms > 0 and ok.time_ratio_ours_over_peer > 0
+    assert ok.ours_peak_mib is not None and ok.peer_peak_mib is not None
+    assert skipped.status == "skipped"
+    assert "not_a_real_peer" in skipped.reason
+    assert skipped.peer_ms is None and skipped.max_abs_diff is None
+    assert skipped.ours_ms == ok.ours_ms  # ours is still measured
+    table = peers.markdown([ok, skipped])
+    assert "skipped: not importable: No module named 'not_a_real_peer'" in table
+
+
+def test_a_peer_that_raises_is_a_failed_row():
+    def broken(n: int) -> peers.Call:
+        def call() -> torch.Tensor:
+            raise RuntimeError("kernel exploded")
+
+        return call
+
+    comparison = peers.Comparison(
+        "dense", {"effattn sdpa": peers.ours_backend("sdpa")}, (peers.Peer("broken", broken),)
+    )
+    (row,) = peers.measure(comparison, 64, **FAST)
+    assert row.status == "failed" and "kernel exploded" in row.reason
+    assert row.peer_ms is None and row.time_ratio_ours_over_peer is None
+
+
+def test_dense_agreement_is_exact_against_the_reference():
+    (row, _) = peers.measure(_dense_with_missing_peer(), 96, **FAST)
+    assert row.max_abs_diff < 1e-5 and row.rel_err < 1e-5
+    q, k, v = peers.inputs(96)
+    want = reference_attention(q.double(), k.double(), v.double())
+    got = peers.ours_backend("sdpa")(96)()
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_local_agrees_with_local_attention_exact_window():
+    pytest.importorskip("local_attention")
+    local = peers.comparisons()["local"]
+    only_lucid = dataclasses.replace(
+        local, peers=tuple(p for p in local.peers if p.name.startswith("local-attention"))
+    )
+    (row,) = peers.measure(only_lucid, 512, **FAST)
+    assert row.status == "ok", row.reason
+    assert row.max_abs_diff < 1e-4 and row.rel_err < 1e-5
+
+
+def test_bigbird_says_why_there_is_no_agreement():
+    (peer,) = peers.comparisons()["bigbird"].peers
+    assert not peer.compare_outputs and peer.agreement_check is None
+    assert peer.agreement_note.startswith("n/a: different random blocks")
+
+
+def test_only_selects_and_rejects_unknown_keys():
+    available = peers.comparisons()
+    assert [c.key for c in peers.selected("sdpa,lsh", available)] == ["dense", "lsh"]
+    assert len(peers.selected("", available)) == len(available)
+    with pytest.raises(ValueError, match="expected some of"):
+        peers.selected("performer", available)
+
+
+def test_command_writes_the_table(tmp_path):
+    pytest.importorskip("reformer_pytorch")
+    pytest.importorskip("transformers")
+    argv = ["--n", "128", "--only", "lsh", "--repeats", "1", "--min-run-s", "0.01"]
+    rows = peers.main([*argv, "--out", str(tmp_path)])
+    assert [r.peer for r in rows] == ["reformer-pytorch LSHAttention", "HF LSHSelfAttention"]
+    for row in rows:  # one hash at N = 2 * bucket: every pair met, outputs must agree
+        assert row.status == "ok", row.reason
+        assert row.max_abs_diff < 1e-4 and row.rel_err < 1e-5
+    readme = (tmp_path / "README.md").read_text()
+    assert "| lsh | effattn lsh b=64 h=4 | reformer-pytorch LSHAttention | ok |" in readme
+    assert "2 threads pinned" in readme and "load average" in readme
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["meta"]["threads"] == 2 and "torch" in saved["meta"]["versions"]
+    assert len(saved["rows"]) == 2
