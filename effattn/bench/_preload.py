@@ -3,6 +3,12 @@ on a machine without CUDA, starts the CPU profiler once (its first use costs ~2.
 worker then starts warm). With CUDA present nothing more is done: the server must not touch
 anything that could initialise CUDA before forking."""
 
+import os
+
+# Ask NVML, not the CUDA runtime, whether there is a GPU: the runtime would enumerate devices in
+# the server, and a forked worker's CUDA_VISIBLE_DEVICES (one GPU per worker) could be ignored.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 import torch
 
 import effattn.bench.worker  # noqa: F401
