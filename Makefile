@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint sweep bench bench-check clean
+.PHONY: setup test lint sweep bench bench-check test-triton-3.6 clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,25 @@ lint: $(STAMP)
 	$(PY) -m ruff check effattn kernels tests benchmarks
 	$(PY) -m ruff format --check effattn kernels tests benchmarks
 
+# The GPU machines run Triton 3.6: its CPU interpreter runs the kernel tests too, in a venv of
+# its own. numpy < 2.3: Triton 3.6's interpreter calls int() on 1-element arrays, which newer
+# numpy refuses ("only 0-dimensional arrays can be converted to Python scalars").
+VENV36 ?= .venv-triton36
+KERNEL_TESTS := tests/test_triton_flash.py tests/test_triton_block_sparse.py tests/test_sparse_triton.py
+
+$(VENV36)/.installed-stamp: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q --upgrade pip
+	$(VENV36)/bin/python -m pip install -q -c constraints.txt torch
+	$(VENV36)/bin/python -m pip install -q triton==3.6.0 "numpy<2.3" pytest pytest-benchmark hypothesis
+	$(VENV36)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-triton-3.6: $(VENV36)/.installed-stamp
+	$(VENV36)/bin/python -m pytest -q -W ignore::DeprecationWarning $(KERNEL_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(VENV36) .pytest_cache .ruff_cache .hypothesis *.egg-info
 
 # pytest-benchmark suite (never part of `make test`). EFFATTN_BENCH_N=1024,2048 narrows it.
 BENCH_TOLERANCE ?= 10%
