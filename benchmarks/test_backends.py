@@ -1,9 +1,10 @@
 """pytest-benchmark suite: every registered backend x N x mode, grouped by N (`make bench`).
 
-Each benchmark records its FLOPs, achieved GFLOP/s, peak memory above the inputs, device and
-thread count in extra_info, so a saved JSON is a complete record. Regression gate:
-`make bench-check` compares against the last saved run and fails when a median got slower by
-more than EFFATTN_BENCH_TOLERANCE (default 10%).
+The timed callables, inputs and FLOP counts are the sweep's own (effattn.bench.measure), so the
+two measure the same thing. Each benchmark records its FLOPs, achieved GFLOP/s, peak memory
+above the inputs, device and thread count in extra_info, so a saved JSON is a complete record.
+Regression gate: `make bench-check` compares against the last saved run and fails when a median
+got slower by more than BENCH_TOLERANCE (default 10%).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import torch
 
 import effattn
 from benchmarks.settings import DEVICE, SEQ_LENS, THREADS
-from effattn.bench.measure import FWD_BWD_FACTOR
+from effattn.bench.measure import build_callable, point_flops
 from effattn.bench.meters import MIB, peak_memory_cpu, peak_memory_cuda
+from effattn.bench.spec import Point, Settings
 
 B, H, D = 1, 8, 64
 MODES = ["fwd", "fwd_bwd"]
 
 
-def _case(name: str, n: int, mode: str):
+def _point(name: str, n: int, mode: str) -> Point:
     backend = effattn.get_backend(name)
     causal = not backend.supports_bidirectional  # causal-only backends (xl) run causal
     reasons = backend.not_supported_reasons(
@@ -28,37 +30,24 @@ def _case(name: str, n: int, mode: str):
     )
     if reasons:
         pytest.skip("; ".join(reasons))
-    q, k, v = (
-        torch.randn(B, H, n, D, device=DEVICE, requires_grad=mode == "fwd_bwd") for _ in range(3)
-    )
-    grad = torch.randn(B, H, n, D, device=DEVICE)
-
-    def run():
-        if mode == "fwd":
-            with torch.no_grad():
-                return backend(q, k, v, causal=causal)
-        out = backend(q, k, v, causal=causal)
-        out.backward(grad)
-        return out
-
-    flops = backend.flops(B, H, n, n, D, causal=causal)
-    if mode == "fwd_bwd":
-        flops = int(flops * FWD_BWD_FACTOR)
-    return run, flops, causal
+    return Point(name, (), n, B, H, D, "float32", DEVICE, causal, THREADS, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n", SEQ_LENS)
 @pytest.mark.parametrize("name", effattn.list_backends())
 def test_attention(benchmark, name: str, n: int, mode: str):
-    run, flops, causal = _case(name, n, mode)
+    point = _point(name, n, mode)
+    settings = Settings()
+    run = build_callable(point, settings)
     run()  # warm-up (and compilation, for backends that compile)
     peak = peak_memory_cuda(run) if DEVICE == "cuda" else peak_memory_cpu(run)
+    flops = point_flops(point, settings)
     benchmark.extra_info.update(
         backend=name,
         n=n,
         mode=mode,
-        causal=causal,
+        causal=point.causal,
         device=DEVICE,
         threads=THREADS,
         flops=flops,

@@ -1,5 +1,5 @@
 """Small tensor helpers shared by the torch backends: the keep-mask of causality and key
-padding, a softmax that gives empty rows zeros, and pair counts for FLOP accounting."""
+padding, and pair counts for FLOP accounting."""
 
 from __future__ import annotations
 
@@ -32,22 +32,6 @@ def keep_mask(
         padding = key_padding_mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
         keep = padding if keep is None else keep & padding
     return keep
-
-
-def masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
-    """Softmax over the last dim of ``scores`` restricted to ``keep``, in float32 or wider.
-
-    scores: (..., Nq, Nk); keep: None or bool broadcastable to scores. A row that keeps no key
-    gets all-zero probabilities (not NaN), and its gradient is zero.
-    """
-    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    if keep is None:
-        return torch.softmax(s, dim=-1)
-    s = s.masked_fill(~keep, float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(s - row_max)
-    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
 def pair_count(q_len: int, kv_len: int, *, causal: bool) -> int:

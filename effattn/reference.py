@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from effattn.backend import Pattern
-from effattn.ops import masked_softmax
 
 
 def pattern_probabilities(q: Tensor, k: Tensor, pattern: Pattern, scale: float) -> Tensor:
@@ -35,3 +34,19 @@ def pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: 
     """Dense attention restricted to ``pattern``: (B, H, Nq, D), in the dtype of ``v``."""
     probs = pattern_probabilities(q, k, pattern, scale)
     return (probs @ v.to(probs.dtype)).to(v.dtype)
+
+
+def masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
+    """Softmax over the last dim of ``scores`` restricted to ``keep``, in float32 or wider.
+
+    scores: (..., Nq, Nk); keep: None or bool broadcastable to scores. A row that keeps no key
+    gets all-zero probabilities (not NaN), and its gradient is zero.
+    """
+    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    if keep is None:
+        return torch.softmax(s, dim=-1)
+    s = s.masked_fill(~keep, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(s - row_max)
+    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)

@@ -72,10 +72,6 @@ def backend_class(name: str) -> type[Backend]:
         ) from None
 
 
-def _type_hints(cls: type[Backend]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -116,7 +112,7 @@ def check_options(cls: type[Backend], options: dict[str, Any]) -> None:
             f"backend {cls.name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))} (valid: {valid})"
         )
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     for key, value in options.items():
         hint = hints.get(key, Any)
         if not _matches(value, hint):
@@ -130,7 +126,7 @@ def parse_option_value(cls: type[Backend], key: str, text: str) -> Any:
     """Turn the text of an option (from the command line: ``window=256``) into its typed value."""
     if key not in {f.name for f in dataclasses.fields(cls)}:
         check_options(cls, {key: None})  # raises: unknown option, listing the valid ones
-    hint = _type_hints(cls)[key]
+    hint = typing.get_type_hints(cls)[key]
     candidates = (
         typing.get_args(hint)
         if typing.get_origin(hint)
