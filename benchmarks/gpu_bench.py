@@ -90,11 +90,10 @@ def sparse_flops(
 
 # -- patterns ----------------------------------------------------------------------------------
 def sliding_window(w: int) -> Callable:
-    def pred(q_idx, kv_idx):
-        return (q_idx - kv_idx).abs() <= w
+    """|i - j| <= w, named ``sliding_window_<w>``: effattn's own predicate."""
+    from effattn.patterns import sliding_window as window_predicate
 
-    pred.__name__ = f"sliding_window_{w}"
-    return pred
+    return window_predicate(w)
 
 
 def bigbird(n: int, device, block: int = BIGBIRD_BLOCK, n_random: int = BIGBIRD_RANDOM):

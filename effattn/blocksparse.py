@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from effattn.backend import Pattern
-from effattn.patterns import Predicate
+from effattn.patterns import Predicate, dense_mask
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -58,19 +59,21 @@ def span_positions(
     return span + block_size * torch.arange(nb, device=device)[:, None]  # (nb, L)
 
 
-def span_view(x: Tensor, positions: Tensor, block_size: int) -> Tensor:
-    """The spans ``positions`` (nb, L) of consecutive blocks as a strided view of x:
-    (B, H, Nk, D) -> (B, H, nb, L, D). No copy when every position lies in [0, Nk); otherwise
-    the keys the spans cover are copied once, zero-padded at the ends (mask those out).
+def span_view(x: Tensor, nb: int, block_size: int, start: int, length: int) -> Tensor:
+    """The spans of :func:`span_positions` (block t: keys ``start + t*b`` .. ``+ length - 1``)
+    as a strided view of x: (B, H, Nk, D) -> (B, H, nb, L, D), L = ``length``. No copy when
+    every position lies in [0, Nk); otherwise the keys the spans cover are copied once,
+    zero-padded at the ends (mask those out). Takes the bounds as ints, not the positions
+    tensor, so that no device sync reads them back.
     (Views of the inner blocks plus copies of the end blocks would save the copy but need
     several fused calls and a join of their outputs: slower here, most of all under load.)"""
     kv_len = x.shape[2]
-    start, end = int(positions[0, 0]), int(positions[-1, -1]) + 1
+    end = start + (nb - 1) * block_size + length
     covered = x[:, :, max(start, 0) : min(end, kv_len)]  # (B, H, <= end - start, D)
     if start < 0 or end > kv_len:
         pads = (0, 0, max(-start, 0), max(end - kv_len, 0))
         covered = F.pad(covered, pads)  # -> (B, H, end - start, D)
-    windows = covered.unfold(2, positions.shape[1], block_size)  # (B, H, nb, D, L)
+    windows = covered.unfold(2, length, block_size)  # (B, H, nb, D, L)
     return windows.transpose(-1, -2)  # (B, H, nb, D, L) -> (B, H, nb, L, D)
 
 
@@ -86,17 +89,19 @@ def gather_keys(x: Tensor, positions: Tensor) -> Tensor:
     return x[:, heads, idx]  # (B, H, Nk, D) -> (B, H, nb, m, D)
 
 
-_CACHE: OrderedDict[Hashable, Tensor] = OrderedDict()
+T = TypeVar("T")
+
+_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
 CACHE_SIZE = 16  # patterns kept: the masks and key lists of the last few (options, shapes)
 
 
 CHUNK_PAIRS = 2**20  # (query, key) pairs of a mask evaluated at once (bounds temporaries)
 
 
-def cached(key: Hashable | None, build: Callable[[], Tensor]) -> Tensor:
+def cached(key: Hashable | None, build: Callable[[], T]) -> T:
     """``build()``, memoised under ``key`` (None: not cached). Patterns are fixed per
-    (backend options, Nq, Nk, ...), so their masks and key lists are built once, as a
-    BlockMask is; a cached tensor is never modified in place."""
+    (backend options, Nq, Nk, ...), so their masks, key lists, BlockMasks and XL's relative
+    parameters are built once; a cached value is never modified in place."""
     if key is None:
         return build()
     if key in _CACHE:
@@ -221,7 +226,7 @@ def without(positions: Tensor, span_positions: Tensor) -> Tensor:
     """
     start, end = span_positions[:, :1], span_positions[:, -1:]  # (nb, 1) each
     inside = (positions[None, :] >= start) & (positions[None, :] <= end)  # (nb, m)
-    return torch.where(inside, torch.full_like(inside, -1, dtype=positions.dtype), positions)
+    return torch.where(inside, -1, positions)
 
 
 def banded_attention(
@@ -264,8 +269,9 @@ def banded_attention(
         # One view of k and v for every block (a copy padded by the window only at the ends):
         # one fused call, no gathers and no joining of outputs.
         k_pos = span_pos
-        k_keys = span_view(k, span_pos, block_size)  # (B, H, nb, L, D)
-        v_keys = span_view(v, span_pos, block_size)
+        start, length = kv_len - q_len - left, block_size + left + right
+        k_keys = span_view(k, nb, block_size, start, length)  # (B, H, nb, L, D)
+        v_keys = span_view(v, nb, block_size, start, length)
     q_pos = block_positions(nb, block_size, q.device)
     bias = block_bias(pred, q_pos, k_pos, kv_len, key_padding_mask, q.dtype, cache_key)
     out = blocks_attention(qb, k_keys, v_keys, bias, scale)  # (B, H, nb, b, D)
@@ -290,10 +296,7 @@ def predicate_pattern(
     pictures only). q: (B, H, Nq, D), k: (B, H, Nk, D); mask (B or 1, H or 1, Nq, Nk)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     pred = predicate(q_len, kv_len, causal=causal)
-    q_idx = torch.arange(q_len, device=q.device)[:, None]  # (Nq, 1)
-    kv_idx = torch.arange(kv_len, device=q.device)[None, :]  # (1, Nk)
-    mask = pred(q_idx, kv_idx)  # (Nq, Nk), or (H, Nq, Nk) for a pattern with a head dim
-    mask = mask.expand(*mask.shape[:-2], q_len, kv_len)
+    mask = dense_mask(pred, q_len, kv_len, q.device)  # (Nq, Nk), or (H, Nq, Nk) with a head dim
     mask = mask if mask.dim() == 3 else mask[None]  # (Nq, Nk) -> (1, Nq, Nk)
     mask = mask[None]  # (H or 1, Nq, Nk) -> (1, H or 1, Nq, Nk)
     if key_padding_mask is not None:

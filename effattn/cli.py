@@ -57,6 +57,7 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from effattn.bench.executors import CLUSTERS
     from effattn.bench.spec import DEVICES, DTYPES, MODES
 
     parser = argparse.ArgumentParser(
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     slurm.add_argument(
         "--cluster",
-        choices=["slurm", "local", "debug"],
+        choices=list(CLUSTERS),
         help="submitit's cluster (default: slurm where sbatch exists, else local)",
     )
 
@@ -191,22 +192,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _sweep_spec(args: argparse.Namespace) -> tuple[Any, bool]:
     """The spec from the preset and the command line, and whether any axis was overridden."""
-    from effattn.bench.spec import load_preset, with_overrides
+    import dataclasses
+
+    from effattn.bench.spec import Grid, load_preset, with_overrides
 
     spec = load_preset(args.preset)
     axes: dict[str, tuple] = {}
-    for arg, axis in (
-        ("backends", "backends"),
-        ("seq_lens", "seq_lens"),
-        ("batch", "batch"),
-        ("heads", "heads"),
-        ("head_dim", "head_dim"),
-        ("dtype", "dtype"),
-        ("device", "device"),
-        ("mode", "mode"),
-        ("threads", "threads"),
-    ):
-        value = getattr(args, arg)
+    for axis in (f.name for f in dataclasses.fields(Grid) if f.name != "causal"):
+        value = getattr(args, axis)  # each Grid axis has an option of its name (causal: below)
         if value is not None:
             axes[axis] = tuple(value)
     if args.no_causal:
@@ -306,10 +299,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ValueError("report: --format other than md needs --out PREFIX")
         print(report.render_markdown(frame))
         return 0
-    for path in report.write_report(frame, args.out, args.format):
+    written = report.write_report(frame, args.out, args.format)
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
-    if "md" in args.format:
-        print(report.render_markdown(frame))
+    if "md" in args.format:  # the tables just written, not rendered a second time
+        print(written[args.format.index("md")].read_text(), end="")
     return 0
 
 

@@ -23,6 +23,11 @@ def default_n_buckets(length: int, bucket_size: int) -> int:
     return max(2, n + n % 2)
 
 
+def chunk_count(q_len: int, k_len: int, bucket_size: int) -> int:
+    """Chunks per round: ``ceil(max(Nq, Nk) / bucket_size)``, at least 1."""
+    return max(1, math.ceil(max(q_len, k_len) / bucket_size))
+
+
 def random_rotations(
     n_hashes: int, head_dim: int, n_buckets: int, seed: int, *, dtype: torch.dtype, device
 ) -> Tensor:
@@ -128,7 +133,7 @@ def chunk_layout(
     q, k = q.detach(), k.detach()
     q_len, k_len = q.shape[1], k.shape[1]
     n_buckets = 2 * rotations.shape[-1]
-    n_chunks = max(1, math.ceil(max(q_len, k_len) / bucket_size))
+    n_chunks = chunk_count(q_len, k_len, bucket_size)
     q_chunk = math.ceil(q_len / n_chunks)
     k_chunk = math.ceil(k_len / n_chunks)
     q_order = _sort_order(hash_buckets(q, rotations), n_chunks * q_chunk, n_buckets)

@@ -69,10 +69,12 @@ def or_(*preds: Predicate) -> Predicate:
 def dense_mask(
     pred: Predicate, q_len: int, kv_len: int, device: torch.device | str | None = None
 ) -> Tensor:
-    """The (q_len, kv_len) bool matrix of ``pred``: for references and pictures only."""
-    q_idx = torch.arange(q_len, device=device)[:, None]
-    kv_idx = torch.arange(kv_len, device=device)[None, :]
-    return pred(q_idx, kv_idx).expand(q_len, kv_len)
+    """The (q_len, kv_len) bool matrix of ``pred``, (H, q_len, kv_len) for a predicate with a
+    head dim (:func:`block_table` of a per-head table): for references and pictures only."""
+    q_idx = torch.arange(q_len, device=device)[:, None]  # (Nq, 1)
+    kv_idx = torch.arange(kv_len, device=device)[None, :]  # (1, Nk)
+    mask = pred(q_idx, kv_idx)  # (Nq or 1, Nk or 1), or (H, Nq, Nk)
+    return mask.expand(*mask.shape[:-2], q_len, kv_len)
 
 
 def _span(window: int | tuple[int, int]) -> tuple[int, int]:

@@ -9,13 +9,14 @@ Triton interpreter is for tests: it is correct but very slow).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from effattn.blocksparse import cached
+from effattn.backend import Pattern
+from effattn.blocksparse import cached, predicate_pattern
 from effattn.patterns import Predicate
 
 Impl = Literal["auto", "torch", "triton"]
@@ -47,10 +48,23 @@ def uses_triton(impl: Impl, q: Tensor) -> bool:
 
 
 class SparseImplMixin:
-    """Adds the ``impl`` option's reasons to a backend's ``not_supported_reasons``. The backend
+    """Adds the ``impl`` option's reasons to a backend's ``not_supported_reasons``, and its
+    ``pattern()`` derived from the backend's ``predicate(Nq, Nk, causal=...)``. The backend
     declares the dataclass field ``impl: Impl = "auto"`` itself (its options stay its own)."""
 
     impl: Impl
+    predicate: Callable[..., Predicate]
+
+    def pattern(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+    ) -> Pattern:
+        return predicate_pattern(self.predicate, q, k, causal, key_padding_mask)
 
     def not_supported_reasons(self, *, device: str, dtype: torch.dtype, **rest: Any) -> list[str]:
         reasons = super().not_supported_reasons(device=device, dtype=dtype, **rest)  # type: ignore[misc]

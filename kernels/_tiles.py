@@ -41,6 +41,48 @@ def store_rows(base, tile, offs_rows, n_rows, offs_d, head_dim):
 
 
 @triton.jit
+def query_block_start(
+    Q, K, V, KPM, bh, offs_m, offs_d, q_len, kv_len, heads, head_dim, UPCAST: tl.constexpr
+):  # fmt: skip
+    """The prologue of a per-query-block kernel: the q tile (BLOCK_M, BLOCK_D) of pair ``bh``
+    and the base pointers of its keys, values and key padding row (k_base, v_base, kpm_base)."""
+    q = load_rows(Q + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
+    k_base = K + bh * kv_len * head_dim
+    v_base = V + bh * kv_len * head_dim
+    kpm_base = KPM + (bh // heads) * kv_len
+    return q, k_base, v_base, kpm_base
+
+
+@triton.jit
+def query_grad_rows(DO, LSE, DELTA, bh, offs_m, offs_d, q_len, head_dim, UPCAST: tl.constexpr):
+    """The dQ kernels' per-row inputs: the dO tile (BLOCK_M, BLOCK_D), LSE (+inf past q_len, so
+    those rows add nothing) and delta (BLOCK_M,)."""
+    do = load_rows(DO + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
+    lse = tl.load(LSE + bh * q_len + offs_m, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA + bh * q_len + offs_m, mask=offs_m < q_len, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
+def key_block_start(
+    Q, K, V, KPM, DO, LSE, DELTA, bh, offs_n, offs_d, q_len, kv_len, heads, head_dim,
+    HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The prologue of a dK/dV kernel (one key block of pair ``bh``): the k and v tiles
+    (BLOCK_N, BLOCK_D), ``key_in`` (BLOCK_N,) and the base pointers of the pair's queries, dO,
+    LSE and delta (q_base, do_base, lse_base, delta_base), the arguments of dkdv_block."""
+    k = load_rows(K + bh * kv_len * head_dim, offs_n, kv_len, offs_d, head_dim, UPCAST)
+    v = load_rows(V + bh * kv_len * head_dim, offs_n, kv_len, offs_d, head_dim, UPCAST)
+    key_in = offs_n < kv_len
+    if HAS_KPM:
+        kpm = KPM + (bh // heads) * kv_len + offs_n
+        key_in = tl.load(kpm, mask=offs_n < kv_len, other=0) != 0
+    q_base = Q + bh * q_len * head_dim
+    do_base = DO + bh * q_len * head_dim
+    return k, v, key_in, q_base, do_base, LSE + bh * q_len, DELTA + bh * q_len
+
+
+@triton.jit
 def causal_keep(offs_m, offs_n, kv_len, offset, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) keep tile of a dense call: key in range and, if CAUSAL, bottom-right
     aligned causality ``j <= i + offset`` with offset = Nk - Nq."""

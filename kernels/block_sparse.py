@@ -17,17 +17,25 @@ import triton.language as tl
 from torch import Tensor
 
 from effattn.kernels import _runtime
-from effattn.kernels._runtime import interpreting
 from effattn.kernels._tiles import (
     attend_block,
     dkdv_block,
     dq_block,
     finish_forward,
-    load_rows,
+    key_block_start,
+    query_block_start,
+    query_grad_rows,
     store_rows,
 )
 from effattn.kernels.block_mask import BlockMask
-from effattn.kernels.flash import LOG2E, kernel_flags, new_like, padding_as_uint8, row_delta
+from effattn.kernels.flash import (
+    LOG2E,
+    fixed_launch,
+    kernel_flags,
+    new_like,
+    padding_as_uint8,
+    row_delta,
+)
 
 
 @triton.jit
@@ -58,10 +66,9 @@ def _sparse_fwd(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + bh * kv_len * head_dim
-    v_base = V + bh * kv_len * head_dim
-    kpm_base = KPM + (bh // heads) * kv_len
-    q = load_rows(Q + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
+    q, k_base, v_base, kpm_base = query_block_start(
+        Q, K, V, KPM, bh, offs_m, offs_d, q_len, kv_len, heads, head_dim, UPCAST
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -98,13 +105,10 @@ def _sparse_bwd_dq(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + bh * kv_len * head_dim
-    v_base = V + bh * kv_len * head_dim
-    kpm_base = KPM + (bh // heads) * kv_len
-    q = load_rows(Q + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
-    do = load_rows(DO + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
-    lse = tl.load(LSE + bh * q_len + offs_m, mask=offs_m < q_len, other=float("inf"))
-    delta = tl.load(DELTA + bh * q_len + offs_m, mask=offs_m < q_len, other=0.0)
+    q, k_base, v_base, kpm_base = query_block_start(
+        Q, K, V, KPM, bh, offs_m, offs_d, q_len, kv_len, heads, head_dim, UPCAST
+    )
+    do, lse, delta = query_grad_rows(DO, LSE, DELTA, bh, offs_m, offs_d, q_len, head_dim, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for i in range(0, tl.load(FULL_NUM + block)):
         start_n = tl.load(FULL_IDX + block * full_width + i) * BLOCK_N
@@ -136,16 +140,10 @@ def _sparse_bwd_dkdv(
     bh = tl.program_id(1).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + bh * kv_len * head_dim, offs_n, kv_len, offs_d, head_dim, UPCAST)
-    v = load_rows(V + bh * kv_len * head_dim, offs_n, kv_len, offs_d, head_dim, UPCAST)
-    key_in = offs_n < kv_len
-    if HAS_KPM:
-        kpm = KPM + (bh // heads) * kv_len + offs_n
-        key_in = tl.load(kpm, mask=offs_n < kv_len, other=0) != 0
-    q_base = Q + bh * q_len * head_dim
-    do_base = DO + bh * q_len * head_dim
-    lse_base = LSE + bh * q_len
-    delta_base = DELTA + bh * q_len
+    k, v, key_in, q_base, do_base, lse_base, delta_base = key_block_start(
+        Q, K, V, KPM, DO, LSE, DELTA, bh, offs_n, offs_d, q_len, kv_len, heads, head_dim,
+        HAS_KPM, UPCAST,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for i in range(0, tl.load(FULL_NUM + block)):
@@ -183,12 +181,7 @@ def _q_lists(mask: BlockMask) -> tuple:
 
 
 def _launch(mask: BlockMask, head_dim_tile: int) -> dict[str, int]:
-    return {
-        "BLOCK_M": mask.block_m,
-        "BLOCK_N": mask.block_n,
-        "num_warps": 4 if mask.block_m * head_dim_tile <= 64 * 128 else 8,
-        "num_stages": 1 if interpreting() else 2,
-    }
+    return fixed_launch(mask.block_m, mask.block_n, head_dim_tile)
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):

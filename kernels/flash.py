@@ -42,7 +42,9 @@ from effattn.kernels._tiles import (
     dkdv_block,
     dq_block,
     finish_forward,
-    load_rows,
+    key_block_start,
+    query_block_start,
+    query_grad_rows,
     store_rows,
 )
 
@@ -65,10 +67,9 @@ def _flash_fwd(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + bh * kv_len * head_dim
-    v_base = V + bh * kv_len * head_dim
-    kpm_base = KPM + (bh // heads) * kv_len
-    q = load_rows(Q + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
+    q, k_base, v_base, kpm_base = query_block_start(
+        Q, K, V, KPM, bh, offs_m, offs_d, q_len, kv_len, heads, head_dim, UPCAST
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -110,13 +111,10 @@ def _flash_bwd_dq(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + bh * kv_len * head_dim
-    v_base = V + bh * kv_len * head_dim
-    kpm_base = KPM + (bh // heads) * kv_len
-    q = load_rows(Q + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
-    do = load_rows(DO + bh * q_len * head_dim, offs_m, q_len, offs_d, head_dim, UPCAST)
-    lse = tl.load(LSE + bh * q_len + offs_m, mask=offs_m < q_len, other=float("inf"))
-    delta = tl.load(DELTA + bh * q_len + offs_m, mask=offs_m < q_len, other=0.0)
+    q, k_base, v_base, kpm_base = query_block_start(
+        Q, K, V, KPM, bh, offs_m, offs_d, q_len, kv_len, heads, head_dim, UPCAST
+    )
+    do, lse, delta = query_grad_rows(DO, LSE, DELTA, bh, offs_m, offs_d, q_len, head_dim, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offset = kv_len - q_len
     if CAUSAL:
@@ -153,16 +151,10 @@ def _flash_bwd_dkdv(
     bh = tl.program_id(1).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + bh * kv_len * head_dim, offs_n, kv_len, offs_d, head_dim, UPCAST)
-    v = load_rows(V + bh * kv_len * head_dim, offs_n, kv_len, offs_d, head_dim, UPCAST)
-    key_in = offs_n < kv_len
-    if HAS_KPM:
-        kpm = KPM + (bh // heads) * kv_len + offs_n
-        key_in = tl.load(kpm, mask=offs_n < kv_len, other=0) != 0
-    q_base = Q + bh * q_len * head_dim
-    do_base = DO + bh * q_len * head_dim
-    lse_base = LSE + bh * q_len
-    delta_base = DELTA + bh * q_len
+    k, v, key_in, q_base, do_base, lse_base, delta_base = key_block_start(
+        Q, K, V, KPM, DO, LSE, DELTA, bh, offs_n, offs_d, q_len, kv_len, heads, head_dim,
+        HAS_KPM, UPCAST,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offset = kv_len - q_len
@@ -225,10 +217,15 @@ def launch_options(
         return None
     bm = check_block_size("block_m", block_m) if block_m is not None else INTERPRETER_BLOCK
     bn = check_block_size("block_n", block_n) if block_n is not None else INTERPRETER_BLOCK
+    return fixed_launch(bm, bn, head_dim_tile)
+
+
+def fixed_launch(block_m: int, block_n: int, head_dim_tile: int) -> dict[str, int]:
+    """Launch options for given tile sizes: the warps follow the q tile's size."""
     return {
-        "BLOCK_M": bm,
-        "BLOCK_N": bn,
-        "num_warps": 4 if bm * head_dim_tile <= 64 * 128 else 8,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": 4 if block_m * head_dim_tile <= 64 * 128 else 8,
         "num_stages": 1 if interpreting() else 2,
     }
 

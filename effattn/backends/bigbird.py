@@ -88,6 +88,11 @@ class BigBirdAttention(SparseImplMixin, Backend):
         needed = self.num_window_blocks + self.num_global_blocks + self.num_random_blocks
         return num_blocks(kv_len, self.block_size) < needed
 
+    def _global_rows(self, nbq: int) -> tuple[int, int]:
+        """(first, last): how many global query blocks lead and trail ``nbq`` blocks."""
+        first = min((self.num_global_blocks + 1) // 2, nbq)
+        return first, min(self.num_global_blocks // 2, nbq - first)
+
     def _global_blocks(self, count: int, device: torch.device) -> Tensor:
         first = (self.num_global_blocks + 1) // 2
         last = self.num_global_blocks // 2
@@ -103,14 +108,15 @@ class BigBirdAttention(SparseImplMixin, Backend):
         rows = torch.arange(nbq)[:, None]  # (nbq, 1)
         window = rows + torch.arange(-radius, radius + 1)  # (nbq, w)
         window = torch.where((window >= 0) & (window < nbk), window, -1)
-        globals_ = self._global_blocks(nbk, torch.device("cpu")).expand(nbq, -1)  # (nbq, g)
+        global_ids = self._global_blocks(nbk, torch.device("cpu"))  # (g,)
+        globals_ = global_ids.expand(nbq, -1)  # (g,) -> (nbq, g)
         in_window = (globals_ >= rows - radius) & (globals_ <= rows + radius)
         globals_ = torch.where(in_window, -1, globals_)
         # Random blocks: the r largest of seeded uniforms, window and global blocks excluded.
         fixed = torch.zeros(nbq, nbk + 1, dtype=torch.bool)  # column nbk catches the -1s
         fixed.scatter_(1, torch.where(window < 0, nbk, window), True)
         fixed = fixed[:, :nbk]
-        fixed[:, self._global_blocks(nbk, torch.device("cpu"))] = True
+        fixed[:, global_ids] = True
         generator = torch.Generator().manual_seed(self.seed)
         draws = torch.rand(heads, nbq, nbk, generator=generator).masked_fill(fixed, -1.0)
         random = draws.topk(self.num_random_blocks, dim=-1).indices  # (H, nbq, r)
@@ -120,8 +126,7 @@ class BigBirdAttention(SparseImplMixin, Backend):
     def _positions(self, q_len: int, kv_len: int, heads: int, device: torch.device) -> Tensor:
         """(H, nb, m*b) key positions of the non-global query blocks, -1 = none."""
         b, nbq = self.block_size, num_blocks(q_len, self.block_size)
-        first = min((self.num_global_blocks + 1) // 2, nbq)
-        last = min(self.num_global_blocks // 2, nbq - first)
+        first, last = self._global_rows(nbq)
         lists = self.key_blocks(q_len, kv_len, heads, device)[:, first : nbq - last]
         positions = lists[..., None] * b + torch.arange(b, device=device)  # (H, nb, m, b)
         return torch.where(lists[..., None] < 0, -1, positions).flatten(2)  # (H, nb, m*b)
@@ -170,17 +175,14 @@ class BigBirdAttention(SparseImplMixin, Backend):
             return triton_sparse_attention(
                 per_head, q, k, v, key_padding_mask=key_padding_mask, scale=scale, cache_key=key
             )
+        one_row = torch.arange(1, device=q.device)  # the dense mask is the same for every row
+        dense_bias = rows_bias(None, one_row, kv_len, key_padding_mask, q.dtype, key)
         if self.is_dense(kv_len):
-            one_row = torch.arange(1, device=q.device)  # the mask is the same for every row
-            bias = rows_bias(None, one_row, kv_len, key_padding_mask, q.dtype, key)
-            return rows_attention(q, k, v, bias, scale)
+            return rows_attention(q, k, v, dense_bias, scale)
         nbq = num_blocks(q_len, b)
-        first = min((self.num_global_blocks + 1) // 2, nbq)
-        last = min(self.num_global_blocks // 2, nbq - first)
+        first, last = self._global_rows(nbq)
         qb = query_blocks(q, b)  # (B, H, nbq, b, D)
         pieces = []
-        all_rows = torch.arange(1, device=q.device)  # one row: the mask is the same for all
-        dense_bias = rows_bias(None, all_rows, kv_len, key_padding_mask, q.dtype, key)
         if first:
             rows = qb[:, :, :first].flatten(2, 3)  # (B, H, first, b, D) -> (B, H, first*b, D)
             pieces.append(rows_attention(rows, k, v, dense_bias, scale))

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from effattn.backend import Backend, Pattern
-from effattn.blocksparse import banded_attention, num_blocks, predicate_pattern
+from effattn.backend import Backend
+from effattn.blocksparse import banded_attention, num_blocks
 from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, blocked, global_tokens, or_, sliding_window
 from effattn.patterns import causal as causal_pattern
@@ -65,8 +65,8 @@ class LocalAttention(SparseImplMixin, Backend):
     description = "exact sliding window |i-j|<=w (+ global tokens, or LRA blocks), blocked views"
 
     def __post_init__(self) -> None:
-        if self.window < (1 if self.blocked else 0):
-            lowest = 1 if self.blocked else 0
+        lowest = 1 if self.blocked else 0
+        if self.window < lowest:
             raise ValueError(f"window: expected an int >= {lowest}, got {self.window}")
         if self.num_global < 0:
             raise ValueError(f"num_global: expected an int >= 0, got {self.num_global}")
@@ -133,17 +133,6 @@ class LocalAttention(SparseImplMixin, Backend):
             scale=scale,
             cache_key=(self, q_len, kv_len, causal, b),
         )
-
-    def pattern(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-    ) -> Pattern:
-        return predicate_pattern(self.predicate, q, k, causal, key_padding_mask)
 
     def flops(
         self,

@@ -38,6 +38,7 @@ from effattn._validate import validate_key_padding_mask, validate_qkv
 from effattn.backend import Backend, Pattern
 from effattn.lsh_hashing import (
     ChunkLayout,
+    chunk_count,
     chunk_layout,
     default_n_buckets,
     flat_index,
@@ -265,7 +266,7 @@ class LSHAttention(Backend):
     ) -> int:
         """Forward FLOPs of the computed blocks: every round scores each (padded) query slot
         against its whole key window, masked or not (hashing and sorting not counted)."""
-        n_chunks = max(1, math.ceil(max(q_len, kv_len) / self.bucket_size))
+        n_chunks = chunk_count(q_len, kv_len, self.bucket_size)
         q_slots = n_chunks * math.ceil(q_len / n_chunks)
         window = math.ceil(kv_len / n_chunks) * (2 if n_chunks > 1 else 1)
         pairs = self.n_hashes * q_slots * window

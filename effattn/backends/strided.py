@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from effattn.backend import Backend, Pattern
-from effattn.blocksparse import banded_attention, num_blocks, predicate_pattern
+from effattn.backend import Backend
+from effattn.blocksparse import banded_attention, num_blocks
 from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, or_, sliding_window, strided
 from effattn.patterns import causal as causal_pattern
@@ -117,17 +117,6 @@ class StridedAttention(SparseImplMixin, Backend):
             scale=scale,
             cache_key=(self, q_len, kv_len, causal),
         )
-
-    def pattern(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-    ) -> Pattern:
-        return predicate_pattern(self.predicate, q, k, causal, key_padding_mask)
 
     def flops(
         self,

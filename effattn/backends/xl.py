@@ -22,14 +22,16 @@ drawn from ``seed`` (:func:`effattn.xl.fixed_relative_position`), and ``relative
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor
 
 from effattn.backend import Backend, Pattern
-from effattn.ops import attention_flops, keep_mask
-from effattn.patterns import dense_mask
+from effattn.blocksparse import cached, predicate_pattern
+from effattn.ops import attention_flops
+from effattn.patterns import Predicate
 from effattn.registry import register_backend
 from effattn.xl import (
     RelativePosition,
@@ -67,18 +69,24 @@ class TransformerXLAttention(Backend):
             raise ValueError(f"relative: expected 'bias', 'full' or 'none', got {self.relative!r}")
 
     def _relative(self, q: Tensor) -> RelativePosition | None:
+        """The fixed parameters for inputs like q (B, H, N, D): drawn once per (options, H, D,
+        dtype, device) and cached (see :func:`effattn.blocksparse.cached`), not on every call."""
         if self.relative == "none":
             return None
+        heads, dim = q.shape[1], q.shape[3]
         d_hi, count = segment_distances(self.segment_len, self.mem_len)
-        return fixed_relative_position(
-            q.shape[1],
-            q.shape[3],
-            d_hi,
-            count,
-            seed=self.seed,
-            content_terms=self.relative == "full",
-            dtype=q.dtype,
-            device=q.device,
+        return cached(
+            (self, "xl_relative", heads, dim, q.dtype, str(q.device)),
+            lambda: fixed_relative_position(
+                heads,
+                dim,
+                d_hi,
+                count,
+                seed=self.seed,
+                content_terms=self.relative == "full",
+                dtype=q.dtype,
+                device=q.device,
+            ),
         )
 
     def forward(
@@ -114,20 +122,16 @@ class TransformerXLAttention(Backend):
         """The banded-causal segment mask (B or 1, 1, Nq, Nk) with key padding, and the dense
         relative-position bias (1 or B, H, Nq, Nk), scaled by 1/sqrt(D) whatever the call's
         ``scale`` (which multiplies the content term q . k only)."""
-        batch, _, q_len, _ = q.shape
-        kv_len = k.shape[2]
-        pred = segment_pattern(self.segment_len, self.mem_len, q_len, kv_len)
-        mask = dense_mask(pred, q_len, kv_len, q.device)[None, None]  # (1, 1, Nq, Nk)
-        padding = keep_mask(
-            batch, q_len, kv_len, causal=False, key_padding_mask=key_padding_mask, device=q.device
-        )
-        if padding is not None:
-            mask = mask & padding  # (B, 1, 1, Nk) -> (B, 1, Nq, Nk)
+        pattern = predicate_pattern(self.predicate, q, k, causal, key_padding_mask)
         rel = self._relative(q)
         if rel is None:
-            return Pattern(mask=mask)
-        bias = dense_relative_bias(q, k, rel, first_pos=kv_len - q_len)
-        return Pattern(mask=mask, bias=bias)
+            return pattern
+        bias = dense_relative_bias(q, k, rel, first_pos=k.shape[2] - q.shape[2])
+        return dataclasses.replace(pattern, bias=bias)
+
+    def predicate(self, q_len: int, kv_len: int, *, causal: bool = True) -> Predicate:
+        """The pattern as a predicate (:func:`effattn.xl.segment_pattern`; always causal)."""
+        return segment_pattern(self.segment_len, self.mem_len, q_len, kv_len)
 
     def flops(
         self,

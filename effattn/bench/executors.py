@@ -172,10 +172,11 @@ def submit_sweep(
     options: SlurmOptions,
     *,
     cluster: str | None = None,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,  # None: sys.stderr at call time
 ) -> Path:
     """Measure ``points`` as a job array, wait for it, retry dead tasks, mark what is left.
     ``cluster``: submitit's (None: Slurm where sbatch exists, else local processes)."""
+    stream = sys.stderr if stream is None else stream
     run_dir = Path(run_dir)
     results = ResultsFile(run_dir / RESULTS)
     executor = _executor(run_dir / SUBMITIT_DIR, cluster, options, f"effattn-{run_dir.name}")

@@ -175,10 +175,12 @@ def write_plots(frame: pd.DataFrame, out: Path, prefix: str) -> list[Path]:
     out = Path(out)
     written = []
     sections = list(frame.groupby(SECTION, sort=False))
+    # (mode, causal) names a section unless other axes vary too
+    long_names = len(sections) > len({(k[0], k[3]) for k, _ in sections})
     for key, part in sections:
         mode, dtype, device, causal, b, h, d, threads = key
         name = f"{prefix}-{mode}" + ("-causal" if causal else "")
-        if len(sections) > len({(k[0], k[3]) for k, _ in sections}):
+        if long_names:
             name += f"-{dtype}-{device}-b{b}h{h}d{d}-t{threads}"
         kinds = {"time": plot_time, "memory": plot_memory, "speedup": plot_speedup}
         if part["rel_error"].notna().any():

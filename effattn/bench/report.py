@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from effattn.bench.store import ENV, RESULTS
+from effattn.bench.store import ENV, RESULTS, ResultsFile
+from effattn.registry import backend_class
 
 DEFAULT_RUNS = Path("reports") / "runs"
 SECTION = ["mode", "dtype", "device", "causal", "batch", "heads", "head_dim", "threads"]
@@ -44,8 +45,6 @@ def resolve_run(path: Path | str) -> Path:
 
 def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
     """All rows of the runs, one per point (the last row of a key wins), with derived columns."""
-    from effattn.bench.store import ResultsFile
-
     frames = []
     for path in paths:
         results = resolve_run(path)
@@ -76,19 +75,19 @@ def scaling_exponent(n: Sequence[float], values: Sequence[float]) -> float | Non
     return float(np.polyfit(x, y, 1)[0])
 
 
-def _declarations(backend: str) -> dict[str, str]:
-    from effattn.registry import _REGISTRY, list_backends
-
-    list_backends()
-    cls = _REGISTRY.get(backend)
-    if cls is None:
-        return {"complexity": "?", "class": "?", "causal decode": "?", "exact": "?"}
+def _declarations(backend: str) -> tuple[dict[str, str], str]:
+    """The speed table's declaration columns and the memory table's complexity ("?" for a
+    backend that is not registered here, e.g. a plugin of the run)."""
+    try:
+        cls = backend_class(backend)
+    except ValueError:
+        return {"complexity": "?", "class": "?", "causal decode": "?", "exact": "?"}, "?"
     return {
         "complexity": cls.complexity,
         "class": cls.tay_class,
         "causal decode": "yes" if cls.supports_causal else "no",
         "exact": "yes" if cls.exact else "no",
-    }
+    }, cls.memory_complexity
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -161,8 +160,8 @@ def tay_tables(frame: pd.DataFrame) -> list[Section]:
                 s_row[name], m_row[name] = _cell(row, "speed"), _cell(row, "memory")
                 if row["status"] not in ("ok", "skipped"):
                     failures.setdefault((label, r, row["status"], row["reason"]), []).append(n)
-            s_row.update(_declarations(backend))
-            m_row["memory complexity"] = _memory_complexity(backend)
+            declared, m_row["memory complexity"] = _declarations(backend)
+            s_row.update(declared)
             for r in runs:
                 ok = rows[(rows["run"] == r) & (rows["status"] == "ok")]
                 suffix = "" if len(runs) == 1 else f" {r}"
@@ -189,13 +188,6 @@ def tay_tables(frame: pd.DataFrame) -> list[Section]:
             Section(_title(key), pd.DataFrame(speed).fillna(""), pd.DataFrame(memory), notes)
         )
     return sections
-
-
-def _memory_complexity(backend: str) -> str:
-    from effattn.registry import _REGISTRY
-
-    cls = _REGISTRY.get(backend)
-    return cls.memory_complexity if cls is not None else "?"
 
 
 def _speed_caption(title: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TextIO
+
+import torch
 
 from effattn.bench import measure
 from effattn.bench.spec import DTYPES, Point, SweepSpec, expand
@@ -141,10 +144,6 @@ def gpu_slots(workers: int, points: list[Point]) -> list[str | None]:
             f"workers: expected 1 for a sweep with CPU points, got {workers} (points timed at "
             "once on shared cores would measure each other; use --device cuda, or --workers 1)"
         )
-    import os
-
-    import torch
-
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in visible.split(",")] if visible else None
     count = torch.cuda.device_count()
@@ -181,7 +180,8 @@ class Progress:
     """A one-line progress report on a stream: point, n/total, ETA."""
 
     total: int  # points in the sweep
-    stream: TextIO = sys.stderr
+    # Looked up when a Progress is made, not at import (tests and callers swap sys.stderr).
+    stream: TextIO = dataclasses.field(default_factory=lambda: sys.stderr)
     done: int = 0
     measured_s: float = 0.0  # wall time of the points measured in this session
     measured: int = 0
@@ -207,7 +207,7 @@ def run_sweep(
     run_dir: Path,
     *,
     strict: bool = False,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,  # None: sys.stderr at call time
     on_row: Callable[[Row], None] | None = None,
     workers: int = 1,
 ) -> Path:
@@ -216,6 +216,7 @@ def run_sweep(
     strict: unknown backends raise instead of being skipped with a message.
     workers: points measured at once, one GPU each (see :func:`gpu_slots`).
     """
+    stream = sys.stderr if stream is None else stream
     load_plugins(spec.plugins)
     points, messages = expand(spec, strict=strict)
     slots = gpu_slots(workers, points)
@@ -244,7 +245,7 @@ def measure_points(
     run_dir: Path,
     *,
     slots: list[str | None] = (None,),  # type: ignore[assignment]
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,  # None: sys.stderr at call time
     on_row: Callable[[Row], None] | None = None,
 ) -> Path:
     """Measure ``points`` (in order) not already in ``run_dir``'s results, one worker process per
@@ -254,7 +255,7 @@ def measure_points(
     results path."""
     results = ResultsFile(Path(run_dir) / RESULTS)
     done = {row["key"]: row for row in results.read()}
-    progress = Progress(len(points), stream)
+    progress = Progress(len(points), sys.stderr if stream is None else stream)
     pending = []
     for point in points:
         if point.key in done:

@@ -28,15 +28,12 @@ from typing import Any
 
 import torch
 
+from effattn._validate import FLOAT_DTYPES
+from effattn.backend import dtype_name
 from effattn.registry import backend_class, get_backend, list_backends, parse_option_value
 
 MODES = ("fwd", "fwd_bwd", "step")
-DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+DTYPES = {dtype_name(d): d for d in FLOAT_DTYPES}  # float16, bfloat16, float32, float64
 DEVICES = ("auto", "cpu", "cuda")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "sweeps"
 

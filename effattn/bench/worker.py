@@ -38,6 +38,7 @@ import torch
 import effattn
 import effattn.backends  # noqa: F401
 from effattn.bench import measure as measure_mod
+from effattn.bench.meters import MIB
 from effattn.bench.spec import Point, Settings
 
 try:
@@ -75,7 +76,7 @@ class MemoryCap:
         self.device, self.mib, self.saved = device, mib, None
 
     def __enter__(self) -> MemoryCap:
-        budget = self.mib * 2**20
+        budget = self.mib * MIB
         if self.device == "cuda":
             total = torch.cuda.get_device_properties(0).total_memory
             used = torch.cuda.memory_allocated()
