@@ -36,7 +36,8 @@ lint: $(STAMP)
 # its own. numpy < 2.3: Triton 3.6's interpreter calls int() on 1-element arrays, which newer
 # numpy refuses ("only 0-dimensional arrays can be converted to Python scalars").
 VENV36 ?= .venv-triton36
-KERNEL_TESTS := tests/test_triton_flash.py tests/test_triton_block_sparse.py tests/test_sparse_triton.py
+KERNEL_TESTS := tests/test_triton_flash.py tests/test_triton_block_sparse.py tests/test_sparse_triton.py \
+	tests/test_kernels_compile.py tests/test_gpu_bench.py
 
 $(VENV36)/.installed-stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV36)

@@ -6,16 +6,17 @@ replaced (query_key by the identity, value by a module returning v) so that only
 core runs. All three use shared-QK, chunks of ``bucket_size`` attending to themselves and the
 previous chunk, N / bucket_size buckets, no dedup, forward only under ``torch.no_grad()``.
 
-Timings are interleaved (every implementation once per repeat) in one process with the thread
-count pinned; the table gives the median over repeats of each repeat's median, the spread
-(IQR / median), the peer / ours time ratio (median of per-repeat ratios) and the peak memory of
-one call above what was live before it (effattn.bench.meters). Also: our peak memory at a 4x
-longer N, and an alignment check: with one hash round and N = 2 * bucket_size every pair is met
-once, so all three must equal exact shared-QK attention with self-exclusion under their own
-scale (reformer-pytorch: 1/sqrt(D) with unit keys; HF: 1 with unit keys). With several rounds
-the outputs differ by design, not only by the random rotations: both peers sort all rounds into
-one sequence, so the first chunk of round r looks back into the last chunk of round r-1 (which
-can repeat a pair, or the query itself, within the window); effattn keeps rounds apart.
+Timings are interleaved (every implementation once per repeat, effattn.bench.interleave) in one
+process with the thread count pinned; the table gives the median over repeats of each repeat's
+median, the spread (IQR / median), the peer / ours time ratio (median of per-repeat ratios) and
+the peak memory of one call above what was live before it (effattn.bench.meters). Also: our
+peak memory at a 4x longer N, and an alignment check: with one hash round and
+N = 2 * bucket_size every pair is met once, so all three must equal exact shared-QK attention
+with self-exclusion under their own scale (reformer-pytorch: 1/sqrt(D) with unit keys; HF: 1
+with unit keys). With several rounds the outputs differ by design, not only by the random
+rotations: both peers sort all rounds into one sequence, so the first chunk of round r looks back
+into the last chunk of round r-1 (which can repeat a pair, or the query itself, within the
+window); effattn keeps rounds apart.
 
     .venv/bin/python -m benchmarks.bench_lsh                       # N = 4096, 4 and 8 hashes
     .venv/bin/python -m benchmarks.bench_lsh --n 1024 --repeats 2 --long-n 4096
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +38,8 @@ from torch import nn
 
 import effattn
 from effattn.backends.lsh import SELF_ATTENTION_BIAS
-from effattn.bench.meters import MIB, peak_memory_cpu, time_cpu
+from effattn.bench.interleave import time_interleaved
+from effattn.bench.meters import MIB, peak_memory_cpu
 
 OURS = "effattn_lsh"
 
@@ -167,27 +168,18 @@ def measure(n: int, n_hashes: int, bucket_size: int, repeats: int, threads: int)
     q = torch.randn(1, 8, n, 64)
     v = torch.randn(1, 8, n, 64)
     calls = implementations(q, v, bucket_size, n_hashes, scale=None)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    spreads: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
-        for _ in range(repeats):
-            for name, fn in calls.items():
-                timing = time_cpu(fn, threads=threads, min_run_time_s=1.0)
-                times[name].append(timing.median_ms)
-                spreads[name].append(timing.iqr_ms / timing.median_ms)
+        timed = time_interleaved(calls, repeats=repeats, threads=threads, min_run_time_s=1.0)
         memory = {name: peak_memory_cpu(fn) / MIB for name, fn in calls.items()}
     return [
         Row(
             implementation=name,
             n=n,
             n_hashes=n_hashes,
-            time_ms_median=statistics.median(times[name]),
-            time_iqr_over_median=statistics.median(spreads[name]),
-            time_spread_over_median=(max(times[name]) - min(times[name]))
-            / statistics.median(times[name]),
-            time_ratio_vs_ours=statistics.median(
-                t / o for t, o in zip(times[name], times[OURS], strict=True)
-            ),
+            time_ms_median=timed.median_ms(name),
+            time_iqr_over_median=timed.timing_iqr_over_median(name),
+            time_spread_over_median=timed.repeat_range_over_median(name),
+            time_ratio_vs_ours=timed.ratio(name, OURS),
             peak_mem_mib=memory[name],
             threads=threads,
         )
@@ -217,15 +209,12 @@ def forward_backward(n: int, n_hashes: int, bucket_size: int, threads: int) -> d
         OURS: lambda: ours(q, q, v).sum().backward(),
         "reformer_pytorch": lambda: lucid(qk_flat, v_flat)[0].sum().backward(),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(2):
-        for name, fn in calls.items():
-            times[name].append(time_cpu(fn, threads=threads).median_ms)
+    timed = time_interleaved(calls, repeats=2, threads=threads)
     return {
         name: {
             "n": n,
             "n_hashes": n_hashes,
-            "time_ms_median": statistics.median(times[name]),
+            "time_ms_median": timed.median_ms(name),
             "peak_mem_mib": peak_memory_cpu(fn) / MIB,
         }
         for name, fn in calls.items()

@@ -9,11 +9,12 @@ Peers, all called on the same (B, H, N, D) tensors in one process:
   - HF transformers BigBirdBlockSparseAttention (block 64, 3 random blocks, train mode so that
     random blocks are drawn, dropout 0) with its query/key/value projections replaced by the
     identity so that only the attention core runs, as ours.
-Timings are interleaved (each candidate once per repeat, effattn.bench.meters.time_cpu with
-the thread count pinned); tables give the median over repeats of each repeat's median, the
-spread (IQR / median of the repeats' medians) and peer / ours. Peak memory: bytes allocated
-above the inputs during one forward (meters.peak_memory_cpu). Memory exponents: the slope of
-log(peak) over log(N) for N = 2K..32K, and peak(16K) / peak(4K) (target <= 4.5).
+Timings are interleaved (each candidate once per repeat, effattn.bench.interleave with
+meters.time_cpu and the thread count pinned); tables give the median over repeats of each
+repeat's median, the spread (IQR / median of the repeats' medians) and peer / ours (the median
+of per-repeat ratios). Peak memory: bytes allocated above the inputs during one forward
+(meters.peak_memory_cpu). Memory exponents: the slope of log(peak) over log(N) for
+N = 2K..32K, and peak(16K) / peak(4K) (target <= 4.5).
 
     .venv/bin/python -m benchmarks.bench_sparse                      # writes reports/sparse/
     .venv/bin/python -m benchmarks.bench_sparse --repeats 2 --no-peers --mem-ns 2048,4096
@@ -34,7 +35,8 @@ from pathlib import Path
 import torch
 
 import effattn
-from effattn.bench.meters import MIB, peak_memory_cpu, time_cpu
+from effattn.bench.interleave import time_interleaved
+from effattn.bench.meters import MIB, peak_memory_cpu
 from effattn.blocksparse import clear_cache
 
 B, H, D, WINDOW = 1, 8, 64, 256
@@ -175,30 +177,26 @@ def sdpa(n: int, causal: bool) -> Callable[[], object]:
 def run_timings(
     n: int, repeats: int, threads: int, peers: bool, min_run_s: float, only: str = ""
 ) -> list[dict]:
+    """One row per candidate of each case containing ``only``: time_ms_median (median over
+    repeats), spread_iqr_over_median (IQR / median of the repeats' medians), ratio_to_ours
+    (median of per-repeat candidate / ours ratios), peak_mem_mib and repeats_ms."""
     rows = []
     for group, candidates in timing_cases(n, peers).items():
         if only not in group:
             continue
         fns = {name: make() for name, make in candidates.items()}
-        medians: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                timing = time_cpu(fn, threads=threads, min_run_time_s=min_run_s)
-                medians[name].append(timing.median_ms)
+        timed = time_interleaved(fns, repeats=repeats, threads=threads, min_run_time_s=min_run_s)
         base = next(iter(fns))
         for name, fn in fns.items():
-            ratios = [m / b for m, b in zip(medians[name], medians[base], strict=True)]
-            med = statistics.median(medians[name])
-            q1, _, q3 = statistics.quantiles(medians[name], n=4) if repeats > 1 else (0, 0, 0)
             rows.append(
                 {
                     "case": group,
                     "implementation": name,
-                    "time_ms_median": round(med, 1),
-                    "spread_iqr_over_median": round((q3 - q1) / med, 3),
-                    "ratio_to_ours": round(statistics.median(ratios), 2),
+                    "time_ms_median": round(timed.median_ms(name), 1),
+                    "spread_iqr_over_median": round(timed.repeat_iqr_over_median(name), 3),
+                    "ratio_to_ours": round(timed.ratio(name, base), 2),
                     "peak_mem_mib": round(peak_memory_cpu(fn) / MIB, 1),
-                    "repeats_ms": [round(m, 1) for m in medians[name]],
+                    "repeats_ms": [round(m, 1) for m in timed.times_ms(name)],
                 }
             )
             print(rows[-1], flush=True)

@@ -11,10 +11,10 @@ backend against dense causal attention.
    without a cache must; plus HF's layer for the one-token step.
 3. backend: ``xl`` (segment 256, memory 256) against sdpa and full, causal, N = 4096, forward.
 
-Timings are interleaved (every implementation once per repeat) in one process with the thread
-count pinned; tables give the median over repeats of each repeat's median, the spread
-(IQR / median) and the time ratio against ours (median of per-repeat ratios); memory is the
-peak of one call above what was live before it (effattn.bench.meters).
+Timings are interleaved (every implementation once per repeat, effattn.bench.interleave) in one
+process with the thread count pinned; tables give the median over repeats of each repeat's
+median, the spread (IQR / median) and the time ratio against ours (median of per-repeat
+ratios); memory is the peak of one call above what was live before it (effattn.bench.meters).
 
     .venv/bin/python -m benchmarks.bench_xl                 # everything, writes reports/xl/
     .venv/bin/python -m benchmarks.bench_xl --parts layer --repeats 2
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch
 from torch import nn
 
 import effattn
-from effattn.bench.meters import MIB, peak_memory_cpu, time_cpu
+from effattn.bench.interleave import time_interleaved
+from effattn.bench.meters import MIB, peak_memory_cpu
 from effattn.nn import TransformerXLAttention
 
 OURS = "effattn"
@@ -102,26 +102,21 @@ def _measure(
     repeats: int,
     min_run_time_s: float,
 ) -> list[Row]:
-    medians: dict[str, list[float]] = {name: [] for name in fns}
-    spreads: dict[str, list[float]] = {name: [] for name in fns}
+    """One Row per entry of ``fns``, the first being ours (the ratios' baseline)."""
     with torch.no_grad():
-        for _ in range(repeats):
-            for name, fn in fns.items():  # interleaved: every implementation once per repeat
-                t = time_cpu(fn, threads=threads, min_run_time_s=min_run_time_s)
-                medians[name].append(t.median_ms)
-                spreads[name].append(t.iqr_ms / t.median_ms)
+        timed = time_interleaved(
+            fns, repeats=repeats, threads=threads, min_run_time_s=min_run_time_s
+        )
         memory = {name: peak_memory_cpu(fn) / MIB for name, fn in fns.items()}
-    ours = medians[next(iter(fns))]
+    ours = next(iter(fns))
     return [
         Row(
             part=part,
             implementation=name,
             context=context,
-            time_ms_median=statistics.median(medians[name]),
-            time_iqr_over_median=statistics.median(spreads[name]),
-            time_ratio_vs_ours=statistics.median(
-                a / b for a, b in zip(medians[name], ours, strict=True)
-            ),
+            time_ms_median=timed.median_ms(name),
+            time_iqr_over_median=timed.timing_iqr_over_median(name),
+            time_ratio_vs_ours=timed.ratio(name, ours),
             peak_mem_mib=memory[name],
             threads=threads,
         )

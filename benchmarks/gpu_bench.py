@@ -6,9 +6,10 @@ One call on an H100/H200 from the source tree (PyTorch 2.11 + Triton 3.6 or newe
 
 Dense: B=4, H=16, D in {64, 128}, N from 1K to 16K, bf16, causal and not, forward and
 forward+backward: ``triton`` (ours) vs SDPA's flash backend vs compiled flex_attention.
-Sparse: sliding window and BigBird masks: our block-sparse kernel vs compiled flex_attention
-with a BlockMask of the same predicate. Every case is checked against a reference on the GPU
-before it is timed; a method that fails or mismatches gets a status, never a time.
+Sparse: sliding window and BigBird masks (random blocks per head): our block-sparse kernel vs
+compiled flex_attention with a BlockMask of the same predicate. Every case is checked against
+a reference on the GPU before it is timed; a method that fails or mismatches gets a status,
+never a time.
 Timing: triton.testing.do_bench (median, L2 flushed between runs). FLOPs: 4*B*H*N*N*D forward
 (x0.5 causal), backward 2.5x forward; sparse: the tiles each method computes.
 
@@ -80,11 +81,11 @@ def dense_flops(batch: int, heads: int, n: int, head_dim: int, *, causal: bool, 
 
 
 def sparse_flops(
-    batch: int, heads: int, head_dim: int, computed_blocks: int, block_m: int, block_n: int,
-    mode: str,
-) -> int:  # fmt: skip
-    """4*B*H*D per pair of every computed tile (whole tiles: the work done), x3.5 with backward."""
-    forward = 4 * batch * heads * head_dim * computed_blocks * block_m * block_n
+    batch: int, head_dim: int, computed_blocks: int, block_m: int, block_n: int, mode: str
+) -> int:
+    """4*B*D per pair of every computed tile (whole tiles: the work done), x3.5 with backward.
+    computed_blocks: the tiles of one batch element, summed over its heads."""
+    forward = 4 * batch * head_dim * computed_blocks * block_m * block_n
     return forward if mode == "fwd" else forward * 7 // 2
 
 
@@ -96,23 +97,26 @@ def sliding_window(w: int) -> Callable:
     return window_predicate(w)
 
 
-def bigbird(n: int, device, block: int = BIGBIRD_BLOCK, n_random: int = BIGBIRD_RANDOM):
+def bigbird(n: int, heads: int, device, block: int = BIGBIRD_BLOCK, n_random: int = BIGBIRD_RANDOM):
     """BigBird's block pattern: the first block global (rows and columns), a window of one
-    block each side, and ``n_random`` random key blocks per query block (fixed seed)."""
+    block each side, and ``n_random`` random key blocks per query block, drawn per head (fixed
+    seed), as the ``bigbird`` backend draws them. ``pred(q_idx, kv_idx)`` gives (H, Nq, Nk);
+    ``pred(q_idx, kv_idx, head)`` one head's pattern (flex_attention's mask_mod)."""
     import torch
 
     blocks = -(-n // block)
     gen = torch.Generator().manual_seed(0)
-    table = torch.zeros(blocks, blocks, dtype=torch.bool)
-    for row in range(blocks):
-        table[row, torch.randperm(blocks, generator=gen)[:n_random]] = True
+    draws = torch.rand(heads, blocks, blocks, generator=gen)
+    table = torch.zeros(heads, blocks, blocks, dtype=torch.bool)
+    table.scatter_(2, draws.topk(min(n_random, blocks), dim=2).indices, True)  # (H, Nb, Nb)
     table = table.to(device)
 
-    def pred(q_idx, kv_idx):
+    def pred(q_idx, kv_idx, head=slice(None)):
         qb, kb = q_idx // block, kv_idx // block
-        return (qb == 0) | (kb == 0) | ((qb - kb).abs() <= 1) | table[qb, kb]
+        return (qb == 0) | (kb == 0) | ((qb - kb).abs() <= 1) | table[head, qb, kb]
 
     pred.__name__ = f"bigbird_{block}_{n_random}"
+    pred.heads = heads
     return pred
 
 
@@ -275,6 +279,8 @@ def _compiled_flex(flex_attention):
 
 
 def sparse_methods(args, pred, n: int, head_dim: int, mode: str, device) -> dict:
+    """Our block-sparse kernel and compiled flex_attention over the same predicate, one
+    pattern for every head, or one per head when ``pred`` has a ``heads`` attribute."""
     from effattn.backend import Pattern
     from effattn.kernels.block_mask import BlockMask
     from effattn.kernels.block_sparse import block_sparse_attention
@@ -282,27 +288,31 @@ def sparse_methods(args, pred, n: int, head_dim: int, mode: str, device) -> dict
     from effattn.reference import pattern_attention
 
     ours = BlockMask.from_predicate(pred, n, n, args.block, args.block, device)
-    flops = sparse_flops(
-        args.batch, args.heads, head_dim, ours.num_computed_blocks, args.block, args.block, mode
-    )
+    blocks = ours.num_computed_blocks * (args.heads // ours.heads)
+    flops = sparse_flops(args.batch, head_dim, blocks, args.block, args.block, mode)
     methods = {
         "triton_block_sparse": (lambda q, k, v: block_sparse_attention(q, k, v, ours), flops)
     }
     if args.dry_run:
-        pattern = Pattern(mask=dense_mask(pred, n, n, device)[None, None])
+        mask = dense_mask(pred, n, n, device)  # (N, N) or (H, N, N)
+        pattern = Pattern(mask=mask.expand(1, args.heads, n, n))
         dense = lambda q, k, v: pattern_attention(q, k, v, pattern, q.shape[-1] ** -0.5)  # noqa: E731
         methods["torch_dense_reference"] = (dense, flops)
         return methods
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    flex_mask = create_block_mask(
-        lambda b, h, qi, ki: pred(qi, ki), None, None, n, n, device=device
-    )
+    per_head = getattr(pred, "heads", None)
+    if per_head:
+        mask_mod = lambda b, h, qi, ki: pred(qi, ki, h)  # noqa: E731
+    else:
+        mask_mod = lambda b, h, qi, ki: pred(qi, ki)  # noqa: E731
+    flex_mask = create_block_mask(mask_mod, None, per_head, n, n, device=device)
     size = flex_mask.BLOCK_SIZE
-    blocks = int(flex_mask.kv_num_blocks.sum())
+    flex_blocks = int(flex_mask.kv_num_blocks.sum())  # (1, H or 1, Mb) -> blocks
     if flex_mask.full_kv_num_blocks is not None:
-        blocks += int(flex_mask.full_kv_num_blocks.sum())
-    flex_flops = sparse_flops(args.batch, args.heads, head_dim, blocks, size[0], size[1], mode)
+        flex_blocks += int(flex_mask.full_kv_num_blocks.sum())
+    flex_blocks *= 1 if per_head else args.heads
+    flex_flops = sparse_flops(args.batch, head_dim, flex_blocks, size[0], size[1], mode)
     flex = _compiled_flex(flex_attention)
     methods["flex"] = (lambda q, k, v: flex(q, k, v, block_mask=flex_mask), flex_flops)
     return methods
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             bigbird_block = args.block if args.dry_run else BIGBIRD_BLOCK
             if not args.no_sparse:
                 window = sliding_window(args.window)
-                cases += [(None, False, window), (None, False, bigbird(n, device, bigbird_block))]
+                bigbird_pattern = bigbird(n, args.heads, device, bigbird_block)
+                cases += [(None, False, window), (None, False, bigbird_pattern)]
             for name, causal, pred in cases:
                 for mode in args.modes:
                     meta = {

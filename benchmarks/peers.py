@@ -19,8 +19,8 @@ The peer wrappers live in benchmarks/bench_sparse.py, bench_lsh.py and bench_xl.
 aligned there); this module only arranges them. q, k, v are drawn as bench_sparse draws them
 (seed 0), so its wrappers and ours see the same tensors.
 
-Time: every candidate of a comparison once per repeat, interleaved, with
-effattn.bench.meters.time_cpu (threads pinned); a candidate's time is the median over repeats
+Time: every candidate of a comparison once per repeat, interleaved (effattn.bench.interleave,
+meters.time_cpu, threads pinned); a candidate's time is the median over repeats
 of each repeat's median, its noise the median IQR / median; ``ours / peer`` is the median of the
 per-repeat ratios (< 1: ours is faster) and ``speed-up`` the median of peer / ours. Memory: peak
 bytes above the inputs of one call (meters.peak_memory_cpu). Agreement: max |ours - peer| and
@@ -36,7 +36,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,7 +46,8 @@ import torch
 from torch import Tensor
 
 import effattn
-from effattn.bench.meters import MIB, peak_memory_cpu, time_cpu
+from effattn.bench.interleave import Interleaved, time_interleaved
+from effattn.bench.meters import MIB, peak_memory_cpu
 
 B, H, D = 1, 8, 64
 WINDOW = 256  # the local window (inclusive offset), as benchmarks/bench_sparse.py
@@ -300,14 +300,6 @@ def comparisons(bucket_size: int = 64, n_hashes: int = 4) -> dict[str, Compariso
 
 
 # -- measuring -----------------------------------------------------------------------------------
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def _spread(xs: list[float]) -> float | None:
-    return (max(xs) - min(xs)) / statistics.median(xs) if xs else None
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -325,35 +317,29 @@ def measure(
             problems[name] = ("skipped", f"not importable: {e}")
         except Exception as e:  # a peer that cannot run this shape is a row, not a crash
             problems[name] = ("failed", f"{type(e).__name__}: {e}")
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    spreads: dict[str, list[float]] = {name: [] for name in calls}
     peaks: dict[str, float] = {}
     outputs: dict[str, Tensor] = {}
     with torch.no_grad():
-        for _ in range(repeats):
-            for name, fn in list(calls.items()):  # interleaved: each candidate once per repeat
-                try:
-                    t = time_cpu(fn, threads=threads, min_run_time_s=min_run_s)
-                except Exception as e:
-                    problems[name] = ("failed", f"{type(e).__name__}: {e}")
-                    del calls[name]
-                    continue
-                times[name].append(t.median_ms)
-                spreads[name].append(t.iqr_ms / t.median_ms)
+        # A call that raises is a failed row, without times.
+        timed = time_interleaved(
+            calls, repeats=repeats, threads=threads, min_run_time_s=min_run_s, drop_failing=True
+        )
+        for name, error in timed.errors.items():
+            problems[name] = ("failed", error)
         for name, fn in calls.items():
-            peaks[name] = peak_memory_cpu(fn) / MIB
-            outputs[name] = fn()
+            if name not in timed.errors:
+                peaks[name] = peak_memory_cpu(fn) / MIB
+                outputs[name] = fn()
     return [
-        _row(comparison.key, ours, peer, n, threads, times, spreads, peaks, outputs, problems)
+        _row(comparison.key, ours, peer, n, threads, timed, peaks, outputs, problems)
         for ours in comparison.ours
         for peer in comparison.peers
     ]
 
 
-def _row(key, ours, peer: Peer, n, threads, times, spreads, peaks, outputs, problems) -> Row:
+def _row(key, ours, peer: Peer, n, threads, timed: Interleaved, peaks, outputs, problems) -> Row:
     bad = [problems[x] for x in (ours, peer.name) if x in problems]
     status, reason = bad[0] if bad else ("ok", "")
-    ratios = [a / b for a, b in zip(times.get(ours, []), times.get(peer.name, []), strict=False)]
     ok = status == "ok"
     found: Agreement | None = None
     note = peer.agreement_note
@@ -372,14 +358,14 @@ def _row(key, ours, peer: Peer, n, threads, times, spreads, peaks, outputs, prob
         reason=reason,
         threads=threads,
         n=n,
-        ours_ms=_median(times.get(ours, [])),
-        peer_ms=_median(times.get(peer.name, [])),
-        ours_iqr_over_median=_median(spreads.get(ours, [])),
-        peer_iqr_over_median=_median(spreads.get(peer.name, [])),
-        ours_spread_over_repeats=_spread(times.get(ours, [])),
-        peer_spread_over_repeats=_spread(times.get(peer.name, [])),
-        time_ratio_ours_over_peer=_median(ratios) if ok else None,
-        speedup_peer_over_ours=_median([1 / r for r in ratios]) if ok else None,
+        ours_ms=timed.median_ms(ours),
+        peer_ms=timed.median_ms(peer.name),
+        ours_iqr_over_median=timed.timing_iqr_over_median(ours),
+        peer_iqr_over_median=timed.timing_iqr_over_median(peer.name),
+        ours_spread_over_repeats=timed.repeat_range_over_median(ours),
+        peer_spread_over_repeats=timed.repeat_range_over_median(peer.name),
+        time_ratio_ours_over_peer=timed.ratio(ours, peer.name) if ok else None,
+        speedup_peer_over_ours=timed.ratio(peer.name, ours) if ok else None,
         ours_peak_mib=peaks.get(ours),
         peer_peak_mib=peaks.get(peer.name),
         mem_ratio_ours_over_peer=_ratio(peaks.get(ours), peaks.get(peer.name)) if ok else None,

@@ -9,7 +9,7 @@ Triton interpreter is for tests: it is correct but very slow).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -21,10 +21,18 @@ from effattn.patterns import Predicate
 
 Impl = Literal["auto", "torch", "triton"]
 
-# Tiles of the block-sparse kernel: 64 x 64 on GPU; 16 x 16 under the CPU interpreter, where the
-# cost grows with the work inside each program rather than with the number of programs.
-GPU_TILE = 64
+# Tiles of the block-sparse kernel under the CPU interpreter, where the cost grows with the work
+# inside each program rather than with the number of programs.
 INTERPRETER_TILE = 16
+
+
+def gpu_tile(head_dim: int, dtype: torch.dtype) -> int:
+    """The block-sparse kernel's square tile on GPU: 64, or 32 for float32 with a head-dim tile
+    above 128, where the backward kernels' 64-row float32 tiles need more shared memory than
+    an sm_90 block has (``python -m effattn.kernels.compile_check`` shows it)."""
+    from effattn.kernels._runtime import padded_head_dim
+
+    return 32 if dtype == torch.float32 and padded_head_dim(head_dim) > 128 else 64
 
 
 def triton_unavailable(device: str, dtype: torch.dtype) -> list[str]:
@@ -76,7 +84,7 @@ class SparseImplMixin:
 
 
 def triton_sparse_attention(
-    predicates: Predicate | Sequence[Predicate],
+    predicate: Predicate,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -85,42 +93,23 @@ def triton_sparse_attention(
     scale: float,
     cache_key: Any,
 ) -> Tensor:
-    """The block-sparse kernel over ``predicates``: one for every head, or one per head (BigBird
-    draws its random blocks per head). q: (B, H, Nq, D), k, v: (B, H, Nk, D) -> (B, H, Nq, D).
+    """The block-sparse kernel over ``predicate``: q (B, H, Nq, D), k, v (B, H, Nk, D) ->
+    (B, H, Nq, D). The predicate gives (Nq, Nk) for a pattern shared by every head, or
+    (H, Nq, Nk) for one per head (BigBird draws its random blocks per head); one launch either
+    way.
 
     The block lists are built once per ``cache_key`` (the backend's options and shapes) and
-    device: building evaluates the predicate over all Nq x Nk pairs, in chunks.
+    device: building evaluates the predicate over all (H x) Nq x Nk pairs, in chunks.
     """
     from effattn.kernels._runtime import interpreting
     from effattn.kernels.block_mask import BlockMask
     from effattn.kernels.block_sparse import block_sparse_attention
 
     q_len, kv_len = q.shape[2], k.shape[2]
-    tile = INTERPRETER_TILE if interpreting() else GPU_TILE
+    tile = INTERPRETER_TILE if interpreting() else gpu_tile(q.shape[-1], q.dtype)
 
-    def mask_for(pred: Predicate, head: int | None) -> BlockMask:
-        def in_range(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            # The lists are built over whole tiles; pairs past Nq or Nk are dropped afterwards,
-            # so clamping them keeps table-based predicates (BigBird) inside their table.
-            return pred(q_idx.clamp(max=q_len - 1), kv_idx.clamp(max=kv_len - 1))
-
-        return cached(
-            ("triton", cache_key, head, tile, str(q.device)),
-            lambda: BlockMask.from_predicate(in_range, q_len, kv_len, tile, tile, q.device),
-        )
-
-    if callable(predicates):
-        mask = mask_for(predicates, None)
-        return block_sparse_attention(q, k, v, mask, scale=scale, key_padding_mask=key_padding_mask)
-    outs = [
-        block_sparse_attention(
-            q[:, h : h + 1],  # (B, H, Nq, D) -> (B, 1, Nq, D)
-            k[:, h : h + 1],
-            v[:, h : h + 1],
-            mask_for(pred, h),
-            scale=scale,
-            key_padding_mask=key_padding_mask,
-        )
-        for h, pred in enumerate(predicates)
-    ]
-    return torch.cat(outs, dim=1)  # H x (B, 1, Nq, D) -> (B, H, Nq, D)
+    mask = cached(
+        ("triton", cache_key, tile, str(q.device)),
+        lambda: BlockMask.from_predicate(predicate, q_len, kv_len, tile, tile, q.device),
+    )
+    return block_sparse_attention(q, k, v, mask, scale=scale, key_padding_mask=key_padding_mask)

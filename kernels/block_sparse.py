@@ -53,17 +53,24 @@ def _tile_keep_t(TILES, tile_id, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _list_row(bh, mask_heads):
+    """The row of this program's lists: the pattern head (bh % Hm; 0 when Hm = 1) times the
+    rows per head (the grid's first dim), plus this program's block."""
+    return (bh % mask_heads) * tl.num_programs(0) + tl.program_id(0)
+
+
+@triton.jit
 def _sparse_fwd(
     Q, K, V, KPM, OUT, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, PART_TILE, TILES,
-    full_width, part_width, q_len, kv_len, heads, head_dim, qk_scale,
+    full_width, part_width, mask_heads, q_len, kv_len, heads, head_dim, qk_scale,
     HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Grid (Mb, B*H). The lists are the BlockMask's kv lists, (Mb,) counts and (Mb, width)."""
-    block = tl.program_id(0)
-    start_m = block * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
+    row = _list_row(bh, mask_heads)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q, k_base, v_base, kpm_base = query_block_start(
@@ -72,15 +79,15 @@ def _sparse_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for i in range(0, tl.load(FULL_NUM + block)):
-        start_n = tl.load(FULL_IDX + block * full_width + i) * BLOCK_N
+    for i in range(0, tl.load(FULL_NUM + row)):
+        start_n = tl.load(FULL_IDX + row * full_width + i) * BLOCK_N
         acc, m_i, l_i = attend_block(
             acc, m_i, l_i, q, k_base, v_base, kpm_base, start_n, offs_d, kv_len, head_dim,
             qk_scale, 0, BLOCK_N, HAS_KPM, False, UPCAST, DOT_PRECISION,
         )  # fmt: skip
-    for i in range(0, tl.load(PART_NUM + block)):
-        start_n = tl.load(PART_IDX + block * part_width + i) * BLOCK_N
-        keep = _tile_keep(TILES, tl.load(PART_TILE + block * part_width + i), BLOCK_M, BLOCK_N)
+    for i in range(0, tl.load(PART_NUM + row)):
+        start_n = tl.load(PART_IDX + row * part_width + i) * BLOCK_N
+        keep = _tile_keep(TILES, tl.load(PART_TILE + row * part_width + i), BLOCK_M, BLOCK_N)
         acc, m_i, l_i = attend_block(
             acc, m_i, l_i, q, k_base, v_base, kpm_base, start_n, offs_d, kv_len, head_dim,
             qk_scale, keep, BLOCK_N, HAS_KPM, True, UPCAST, DOT_PRECISION,
@@ -95,14 +102,14 @@ def _sparse_fwd(
 def _sparse_bwd_dq(
     Q, K, V, KPM, DO, LSE, DELTA, DQ,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, PART_TILE, TILES,
-    full_width, part_width, q_len, kv_len, heads, head_dim, qk_scale, sm_scale,
+    full_width, part_width, mask_heads, q_len, kv_len, heads, head_dim, qk_scale, sm_scale,
     HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Grid (Mb, B*H): dQ of one query block over its key-block lists."""
-    block = tl.program_id(0)
-    start_m = block * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
+    row = _list_row(bh, mask_heads)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q, k_base, v_base, kpm_base = query_block_start(
@@ -110,15 +117,15 @@ def _sparse_bwd_dq(
     )
     do, lse, delta = query_grad_rows(DO, LSE, DELTA, bh, offs_m, offs_d, q_len, head_dim, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for i in range(0, tl.load(FULL_NUM + block)):
-        start_n = tl.load(FULL_IDX + block * full_width + i) * BLOCK_N
+    for i in range(0, tl.load(FULL_NUM + row)):
+        start_n = tl.load(FULL_IDX + row * full_width + i) * BLOCK_N
         dq = dq_block(
             dq, q, do, lse, delta, k_base, v_base, kpm_base, start_n, offs_d, kv_len, head_dim,
             qk_scale, 0, BLOCK_N, HAS_KPM, False, UPCAST, DOT_PRECISION,
         )  # fmt: skip
-    for i in range(0, tl.load(PART_NUM + block)):
-        start_n = tl.load(PART_IDX + block * part_width + i) * BLOCK_N
-        keep = _tile_keep(TILES, tl.load(PART_TILE + block * part_width + i), BLOCK_M, BLOCK_N)
+    for i in range(0, tl.load(PART_NUM + row)):
+        start_n = tl.load(PART_IDX + row * part_width + i) * BLOCK_N
+        keep = _tile_keep(TILES, tl.load(PART_TILE + row * part_width + i), BLOCK_M, BLOCK_N)
         dq = dq_block(
             dq, q, do, lse, delta, k_base, v_base, kpm_base, start_n, offs_d, kv_len, head_dim,
             qk_scale, keep, BLOCK_N, HAS_KPM, True, UPCAST, DOT_PRECISION,
@@ -130,14 +137,14 @@ def _sparse_bwd_dq(
 def _sparse_bwd_dkdv(
     Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, PART_TILE, TILES,
-    full_width, part_width, q_len, kv_len, heads, head_dim, qk_scale, sm_scale,
+    full_width, part_width, mask_heads, q_len, kv_len, heads, head_dim, qk_scale, sm_scale,
     HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Grid (Nb, B*H): dK, dV of one key block over its transposed (query-block) lists."""
-    block = tl.program_id(0)
-    start_n = block * BLOCK_N
+    start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
+    row = _list_row(bh, mask_heads)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k, v, key_in, q_base, do_base, lse_base, delta_base = key_block_start(
@@ -146,15 +153,15 @@ def _sparse_bwd_dkdv(
     )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for i in range(0, tl.load(FULL_NUM + block)):
-        start_m = tl.load(FULL_IDX + block * full_width + i) * BLOCK_M
+    for i in range(0, tl.load(FULL_NUM + row)):
+        start_m = tl.load(FULL_IDX + row * full_width + i) * BLOCK_M
         dk, dv = dkdv_block(
             dk, dv, k, v, key_in, q_base, do_base, lse_base, delta_base, start_m, offs_d, q_len,
             head_dim, qk_scale, 0, BLOCK_M, HAS_KPM, False, UPCAST, DOT_PRECISION,
         )  # fmt: skip
-    for i in range(0, tl.load(PART_NUM + block)):
-        start_m = tl.load(PART_IDX + block * part_width + i) * BLOCK_M
-        tile = tl.load(PART_TILE + block * part_width + i)
+    for i in range(0, tl.load(PART_NUM + row)):
+        start_m = tl.load(PART_IDX + row * part_width + i) * BLOCK_M
+        tile = tl.load(PART_TILE + row * part_width + i)
         keep_t = _tile_keep_t(TILES, tile, BLOCK_M, BLOCK_N)
         dk, dv = dkdv_block(
             dk, dv, k, v, key_in, q_base, do_base, lse_base, delta_base, start_m, offs_d, q_len,
@@ -165,23 +172,21 @@ def _sparse_bwd_dkdv(
 
 
 def _kv_lists(mask: BlockMask) -> tuple:
-    """The forward (per query block) lists and their row widths, in kernel argument order."""
+    """The forward (per query block) lists, their row widths and Hm, in argument order."""
     return (
         mask.full_kv_num_blocks, mask.full_kv_indices, mask.kv_num_blocks, mask.kv_indices,
-        mask.kv_tile_ids, mask.tiles, mask.full_kv_indices.shape[1], mask.kv_indices.shape[1],
+        mask.kv_tile_ids, mask.tiles, mask.full_kv_indices.shape[-1], mask.kv_indices.shape[-1],
+        mask.heads,
     )  # fmt: skip
 
 
 def _q_lists(mask: BlockMask) -> tuple:
-    """The transposed (per key block) lists and their row widths, in kernel argument order."""
+    """The transposed (per key block) lists, their row widths and Hm, in argument order."""
     return (
         mask.full_q_num_blocks, mask.full_q_indices, mask.q_num_blocks, mask.q_indices,
-        mask.q_tile_ids, mask.tiles, mask.full_q_indices.shape[1], mask.q_indices.shape[1],
+        mask.q_tile_ids, mask.tiles, mask.full_q_indices.shape[-1], mask.q_indices.shape[-1],
+        mask.heads,
     )  # fmt: skip
-
-
-def _launch(mask: BlockMask, head_dim_tile: int) -> dict[str, int]:
-    return fixed_launch(mask.block_m, mask.block_n, head_dim_tile)
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
@@ -194,10 +199,11 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         o = new_like(q)
         lse = _runtime.new_buffer((batch * heads, q_len), torch.float32, q.device)
         flags = {"HAS_KPM": has_kpm, **kernel_flags(q)}
-        grid = (mask.kv_num_blocks.numel(), batch * heads)
+        tiles = (mask.block_m, mask.block_n, flags["BLOCK_D"])
+        grid = (mask.kv_num_blocks.shape[1], batch * heads)
         _sparse_fwd[grid](
             q, k, v, kpm, o, lse, *_kv_lists(mask), q_len, kv_len, heads, head_dim,
-            scale * LOG2E, **flags, **_launch(mask, flags["BLOCK_D"]),
+            scale * LOG2E, **flags, **fixed_launch("fwd", *tiles),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, kpm)
         ctx.mask, ctx.has_kpm, ctx.scale = mask, has_kpm, scale
@@ -213,13 +219,17 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         delta = row_delta(o, do)
         dq, dk, dv = new_like(q), new_like(k), new_like(v)
         flags = {"HAS_KPM": ctx.has_kpm, **kernel_flags(q)}
-        launch = _launch(mask, flags["BLOCK_D"])
+        tiles = (mask.block_m, mask.block_n, flags["BLOCK_D"])
         sizes = (q_len, kv_len, heads, head_dim, scale * LOG2E, scale)
         common = (q, k, v, kpm, do, lse, delta)
-        q_grid = (mask.kv_num_blocks.numel(), batch * heads)
-        _sparse_bwd_dq[q_grid](*common, dq, *_kv_lists(mask), *sizes, **flags, **launch)
-        k_grid = (mask.q_num_blocks.numel(), batch * heads)
-        _sparse_bwd_dkdv[k_grid](*common, dk, dv, *_q_lists(mask), *sizes, **flags, **launch)
+        q_grid = (mask.kv_num_blocks.shape[1], batch * heads)
+        _sparse_bwd_dq[q_grid](
+            *common, dq, *_kv_lists(mask), *sizes, **flags, **fixed_launch("dq", *tiles)
+        )
+        k_grid = (mask.q_num_blocks.shape[1], batch * heads)
+        _sparse_bwd_dkdv[k_grid](
+            *common, dk, dv, *_q_lists(mask), *sizes, **flags, **fixed_launch("dkdv", *tiles)
+        )
         return dq, dk, dv, None, None, None, None
 
 
@@ -235,10 +245,11 @@ def block_sparse_attention(
     """Attention over the pairs of ``block_mask``: q (B, H, Nq, D), k, v (B, H, Nk, D) ->
     (B, H, Nq, D), differentiable in q, k, v.
 
-    block_mask: built for (Nq, Nk) on q's device (``BlockMask.from_predicate``); causality, if
-    wanted, is part of its predicate. key_padding_mask: (B, Nk) bool, True = the key takes part.
-    scale: 1/sqrt(D) when None. Rows that keep no key give 0 (and zero gradients). float16,
-    bfloat16 or float32, D from 1 to 256, float32 accumulation.
+    block_mask: built for (Nq, Nk) on q's device (``BlockMask.from_predicate``), with one
+    pattern for all heads or one per head; causality, if wanted, is part of its predicate.
+    key_padding_mask: (B, Nk) bool, True = the key takes part. scale: 1/sqrt(D) when None.
+    Rows that keep no key give 0 (and zero gradients). float16, bfloat16 or float32, D from 1
+    to 256, float32 accumulation.
     """
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask: expected a BlockMask, got {type(block_mask).__name__}")
@@ -246,6 +257,11 @@ def block_sparse_attention(
         raise ValueError(
             f"block_mask: expected one built for (Nq, Nk) = {(q.shape[2], k.shape[2])}, "
             f"got {(block_mask.q_len, block_mask.kv_len)}"
+        )
+    if block_mask.heads not in (1, q.shape[1]):
+        raise ValueError(
+            f"block_mask: expected one pattern for every head or one per head ({q.shape[1]}), "
+            f"got {block_mask.heads} pattern heads"
         )
     if block_mask.tiles.device != q.device:
         raise ValueError(

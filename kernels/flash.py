@@ -51,6 +51,8 @@ from effattn.kernels._tiles import (
 LOG2E = 1.4426950408889634
 # The single tile size under the interpreter (the autotuner cannot time there).
 INTERPRETER_BLOCK = 32
+# Rows per program of the backward preprocess (delta) on GPU.
+DELTA_BLOCK = 64
 
 
 @triton.jit
@@ -193,9 +195,16 @@ def _gpu_configs(block_pairs: list[tuple[int, int, int, int]]) -> list[triton.Co
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); configs too big for a head dim fail to compile
-# and are skipped by the autotuner (OutOfResources).
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-_BWD_CONFIGS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 1)]
+# and are skipped by the autotuner (OutOfResources). The 8-warp twins of the 4-warp tiles spill
+# no registers at D=128 on sm_90, where the 4-warp ones do (effattn.kernels.compile_check).
+_FWD_CONFIGS = [
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+    (64, 32, 4, 2),
+]  # fmt: skip
+_BWD_CONFIGS = [
+    (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 32, 4, 2),
+    (16, 32, 4, 1),
+]  # fmt: skip
 _TUNE_KEY = ["q_len", "kv_len", "BLOCK_D", "CAUSAL", "HAS_KPM"]
 _tuned: dict[str, triton.runtime.Autotuner] = {}
 
@@ -207,25 +216,29 @@ def _kernel(name: str, kernel: triton.JITFunction, configs: list) -> triton.runt
     return _tuned[name]
 
 
-def launch_options(
-    block_m: int | None, block_n: int | None, head_dim_tile: int
-) -> dict[str, int] | None:
-    """Fixed launch options (BLOCK_M, BLOCK_N, num_warps, num_stages), or None to autotune.
+def launch_options(block_m: int | None, block_n: int | None) -> tuple[int, int] | None:
+    """Fixed tile sizes (BLOCK_M, BLOCK_N), or None to autotune.
 
     Under the interpreter one small config; on GPU the given sizes, or None (autotune)."""
     if block_m is None and block_n is None and not interpreting():
         return None
     bm = check_block_size("block_m", block_m) if block_m is not None else INTERPRETER_BLOCK
     bn = check_block_size("block_n", block_n) if block_n is not None else INTERPRETER_BLOCK
-    return fixed_launch(bm, bn, head_dim_tile)
+    return bm, bn
 
 
-def fixed_launch(block_m: int, block_n: int, head_dim_tile: int) -> dict[str, int]:
-    """Launch options for given tile sizes: the warps follow the q tile's size."""
+def fixed_launch(kernel: str, block_m: int, block_n: int, head_dim_tile: int) -> dict[str, int]:
+    """Launch options of ``kernel`` ("fwd", "dq" or "dkdv") for fixed tile sizes.
+
+    Warps follow the float32 accumulators a program holds: block_m x D for the forward and dQ,
+    2 x block_n x D for dK/dV (dK and dV). Up to 64 x 128 elements take 4 warps, more take 8;
+    with 4 warps, larger accumulators spill registers on sm_90 (see compile_check).
+    """
+    rows = {"fwd": block_m, "dq": block_m, "dkdv": 2 * block_n}[kernel]
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
-        "num_warps": 4 if block_m * head_dim_tile <= 64 * 128 else 8,
+        "num_warps": 4 if rows * head_dim_tile <= 64 * 128 else 8,
         "num_stages": 1 if interpreting() else 2,
     }
 
@@ -255,7 +268,7 @@ def row_delta(o: Tensor, do: Tensor) -> Tensor:
     """delta = rowsum(dO * O): (B, H, Nq, D) x 2 -> (B*H, Nq) float32 (the backward preprocess)."""
     batch, heads, q_len, head_dim = o.shape
     delta = _runtime.new_buffer((batch * heads, q_len), torch.float32, o.device)
-    block = 32 if interpreting() else 64
+    block = INTERPRETER_BLOCK if interpreting() else DELTA_BLOCK
     grid = (triton.cdiv(q_len, block), batch * heads)
     delta_kernel[grid](
         o, do, delta, q_len, head_dim, BLOCK_M=block, BLOCK_D=padded_head_dim(head_dim)
@@ -265,7 +278,7 @@ def row_delta(o: Tensor, do: Tensor) -> Tensor:
 
 def _flash_forward(
     q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, causal: bool, has_kpm: bool, scale: float,
-    options: dict[str, int] | None,
+    tiles: tuple[int, int] | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
@@ -273,18 +286,18 @@ def _flash_forward(
     lse = _runtime.new_buffer((batch * heads, q_len), torch.float32, q.device)
     args = (q, k, v, kpm, o, lse, q_len, kv_len, heads, head_dim, scale * LOG2E)
     flags = {"CAUSAL": causal, "HAS_KPM": has_kpm, **kernel_flags(q)}
-    if options is None:
+    if tiles is None:
         grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         _kernel("fwd", _flash_fwd, _FWD_CONFIGS)[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(q_len, options["BLOCK_M"]), batch * heads)
-        _flash_fwd[grid](*args, **flags, **options)
+        grid = (triton.cdiv(q_len, tiles[0]), batch * heads)
+        _flash_fwd[grid](*args, **flags, **fixed_launch("fwd", *tiles, flags["BLOCK_D"]))
     return o, lse
 
 
 def _flash_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kpm: Tensor,
-    causal: bool, has_kpm: bool, scale: float, options: dict[str, int] | None,
+    causal: bool, has_kpm: bool, scale: float, tiles: tuple[int, int] | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
@@ -293,16 +306,17 @@ def _flash_backward(
     common = (q, k, v, kpm, do, lse, delta)
     sizes = (q_len, kv_len, heads, head_dim, scale * LOG2E, scale)
     flags = {"CAUSAL": causal, "HAS_KPM": has_kpm, **kernel_flags(q)}
-    if options is None:
+    if tiles is None:
         q_grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         k_grid = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * heads)  # noqa: E731
         _kernel("dq", _flash_bwd_dq, _BWD_CONFIGS)[q_grid](*common, dq, *sizes, **flags)
         _kernel("dkdv", _flash_bwd_dkdv, _BWD_CONFIGS)[k_grid](*common, dk, dv, *sizes, **flags)
     else:
-        q_grid = (triton.cdiv(q_len, options["BLOCK_M"]), batch * heads)
-        k_grid = (triton.cdiv(kv_len, options["BLOCK_N"]), batch * heads)
-        _flash_bwd_dq[q_grid](*common, dq, *sizes, **flags, **options)
-        _flash_bwd_dkdv[k_grid](*common, dk, dv, *sizes, **flags, **options)
+        d = flags["BLOCK_D"]
+        q_grid = (triton.cdiv(q_len, tiles[0]), batch * heads)
+        k_grid = (triton.cdiv(kv_len, tiles[1]), batch * heads)
+        _flash_bwd_dq[q_grid](*common, dq, *sizes, **flags, **fixed_launch("dq", *tiles, d))
+        _flash_bwd_dkdv[k_grid](*common, dk, dv, *sizes, **flags, **fixed_launch("dkdv", *tiles, d))
     return dq, dk, dv
 
 
@@ -310,18 +324,18 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the dense kernels; inputs are contiguous (B, H, N, D)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kpm, causal, has_kpm, scale, options):
-        o, lse = _flash_forward(q, k, v, kpm, causal, has_kpm, scale, options)
+    def forward(ctx, q, k, v, kpm, causal, has_kpm, scale, tiles):
+        o, lse = _flash_forward(q, k, v, kpm, causal, has_kpm, scale, tiles)
         ctx.save_for_backward(q, k, v, o, lse, kpm)
-        ctx.flags = (causal, has_kpm, scale, options)
+        ctx.flags = (causal, has_kpm, scale, tiles)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kpm = ctx.saved_tensors
-        causal, has_kpm, scale, options = ctx.flags
+        causal, has_kpm, scale, tiles = ctx.flags
         dq, dk, dv = _flash_backward(do.contiguous(), q, k, v, o, lse, kpm, causal, has_kpm,
-                                     scale, options)  # fmt: skip
+                                     scale, tiles)  # fmt: skip
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -346,8 +360,8 @@ def flash_attention(
     ``triton`` backend does that).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    options = launch_options(block_m, block_n, padded_head_dim(q.shape[-1]))
+    tiles = launch_options(block_m, block_n)
     q, k, v = (t.contiguous() for t in (q, k, v))
     kpm = padding_as_uint8(key_padding_mask, q)
     has_kpm = key_padding_mask is not None
-    return FlashAttentionFunction.apply(q, k, v, kpm, causal, has_kpm, scale, options)
+    return FlashAttentionFunction.apply(q, k, v, kpm, causal, has_kpm, scale, tiles)

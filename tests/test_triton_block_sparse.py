@@ -64,15 +64,28 @@ PREDICATES = {
 }
 
 
-def _triples(full_num, full_idx, part_num, part_idx, part_tile) -> set[tuple[int, int, int]]:
-    """{(row, column block, tile id or -1 for a full block)} of one set of lists."""
+def _triples(full_num, full_idx, part_num, part_idx, part_tile) -> set[tuple[int, ...]]:
+    """{(head, row, column block, tile id or -1 for a full block)} of one set of lists."""
     out = set()
-    for row in range(full_num.numel()):
-        out |= {(row, j, -1) for j in full_idx[row, : int(full_num[row])].tolist()}
-        count = int(part_num[row])
-        columns, tiles = part_idx[row, :count].tolist(), part_tile[row, :count].tolist()
-        out |= {(row, j, t) for j, t in zip(columns, tiles, strict=True)}
+    for h, row in zip(*torch.nonzero(torch.ones_like(full_num)).T.tolist(), strict=True):
+        out |= {(h, row, j, -1) for j in full_idx[h, row, : int(full_num[h, row])].tolist()}
+        count = int(part_num[h, row])
+        columns, tiles = part_idx[h, row, :count].tolist(), part_tile[h, row, :count].tolist()
+        out |= {(h, row, j, t) for j, t in zip(columns, tiles, strict=True)}
     return out
+
+
+def per_head_blocks(heads: int, block: int, n: int):
+    """A different random block table per head (BigBird's random blocks): (H, Nq, Nk)."""
+    blocks = -(-n // block)
+    table = torch.rand(heads, blocks, blocks, generator=torch.Generator().manual_seed(3)) < 0.3
+    table |= torch.eye(blocks, dtype=torch.bool)  # every row keeps a block
+
+    def pred(q_idx, kv_idx):
+        return table[:, q_idx // block, kv_idx // block]
+
+    pred.__name__ = f"per_head_blocks_{block}"
+    return pred
 
 
 @pytest.mark.parametrize("name", sorted(PREDICATES))
@@ -80,7 +93,8 @@ def _triples(full_num, full_idx, part_num, part_idx, part_tile) -> set[tuple[int
 def test_block_mask_encodes_the_predicate(name, nq, nk, bm, bn):
     pred = PREDICATES[name](nq, nk)
     mask = BlockMask.from_predicate(pred, nq, nk, bm, bn, "cpu")
-    assert torch.equal(mask.to_dense(), dense_mask(pred, nq, nk))
+    assert mask.heads == 1
+    assert torch.equal(mask.to_dense(), dense_mask(pred, nq, nk)[None])
     # Transposed lists: the same set of (query block, key block, tile) triples.
     forward = _triples(
         mask.full_kv_num_blocks, mask.full_kv_indices, mask.kv_num_blocks, mask.kv_indices,
@@ -90,18 +104,43 @@ def test_block_mask_encodes_the_predicate(name, nq, nk, bm, bn):
         mask.full_q_num_blocks, mask.full_q_indices, mask.q_num_blocks, mask.q_indices,
         mask.q_tile_ids,
     )  # fmt: skip
-    transposed = {(j, i, t) for i, j, t in transposed}  # (key block, query block) -> swapped
+    transposed = {(h, j, i, t) for h, i, j, t in transposed}  # (key, query block) -> swapped
     assert forward == transposed
     assert mask.num_computed_blocks == len(forward)
+
+
+def test_block_mask_per_head():
+    """A predicate with a head dim gives one set of lists per head, with distinct tiles."""
+    pred = and_(per_head_blocks(3, 16, 100), window(40))  # random blocks, partial at the edge
+    mask = BlockMask.from_predicate(pred, 100, 100, 32, 16, "cpu")
+    assert mask.heads == 3
+    assert mask.kv_indices.shape[:2] == (3, 4) and mask.q_indices.shape[:2] == (3, 7)
+    dense = dense_mask(pred, 100, 100)  # (3, 100, 100)
+    assert not torch.equal(dense[0], dense[1])
+    assert torch.equal(mask.to_dense(), dense)
+    forward = _triples(
+        mask.full_kv_num_blocks, mask.full_kv_indices, mask.kv_num_blocks, mask.kv_indices,
+        mask.kv_tile_ids,
+    )  # fmt: skip
+    transposed = _triples(
+        mask.full_q_num_blocks, mask.full_q_indices, mask.q_num_blocks, mask.q_indices,
+        mask.q_tile_ids,
+    )  # fmt: skip
+    assert forward == {(h, j, i, t) for h, i, j, t in transposed}
+    one_head = BlockMask.from_predicate(window(40), 100, 100, 32, 16, "cpu")
+    assert mask.flops(2, 6, 64) == 4 * 2 * 2 * 64 * mask.num_computed_blocks * 32 * 16
+    assert one_head.flops(2, 6, 64) == 4 * 2 * 6 * 64 * one_head.num_computed_blocks * 32 * 16
+    with pytest.raises(ValueError, match="heads: expected a multiple of the mask's 3, got 4"):
+        mask.flops(1, 4, 64)
 
 
 def test_block_mask_of_causal_example():
     """The docstring's example: causal, N = 6... here N = 64 with 16 x 16 tiles."""
     mask = BlockMask.from_predicate(causal(64, 64), 64, 64, 16, 16, "cpu")
-    assert mask.kv_num_blocks.tolist() == [1, 1, 1, 1]  # the diagonal tile
-    assert mask.kv_indices[:, 0].tolist() == [0, 1, 2, 3]
-    assert mask.full_kv_num_blocks.tolist() == [0, 1, 2, 3]
-    assert mask.full_q_indices[0].tolist() == [1, 2, 3]
+    assert mask.kv_num_blocks.tolist() == [[1, 1, 1, 1]]  # the diagonal tile
+    assert mask.kv_indices[0, :, 0].tolist() == [0, 1, 2, 3]
+    assert mask.full_kv_num_blocks.tolist() == [[0, 1, 2, 3]]
+    assert mask.full_q_indices[0, 0].tolist() == [1, 2, 3]
     assert mask.flops(2, 3, 64) == 4 * 2 * 3 * 64 * 10 * 16 * 16
 
 
@@ -110,6 +149,8 @@ def test_block_mask_rejects_bad_sizes():
         BlockMask.from_predicate(causal(8, 8), 8, 8, 24, 16)
     with pytest.raises(ValueError, match="q_len: expected a positive int"):
         BlockMask.from_predicate(causal(8, 8), 0, 8, 16, 16)
+    with pytest.raises(ValueError, match=r"pred: expected a \(Nq, Nk\) or \(heads, Nq, Nk\)"):
+        BlockMask.from_predicate(lambda q, k: (q < k)[None, None], 8, 8, 16, 16)
 
 
 @pytest.fixture
@@ -175,6 +216,29 @@ def test_kernel_matches_reference(name, nq, nk, bm, bn, padded, dtype):
 
 @needs_interpreter
 @pytest.mark.usefixtures("poisoned")
+def test_kernel_with_a_pattern_per_head():
+    """Each head attends over its own lists: output and gradients equal the reference over
+    the (H, Nq, Nk) pattern, in one launch."""
+    from effattn.kernels.block_sparse import block_sparse_attention
+
+    b, h, n, d = 2, 3, 90, 16
+    pred = per_head_blocks(h, 16, n)
+    mask = BlockMask.from_predicate(pred, n, n, 16, 16, "cpu")
+    dense = dense_mask(pred, n, n)  # (H, N, N)
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    out = block_sparse_attention(q, k, v, mask, scale=0.3)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*refs, scale=0.3, mask=dense[None])
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+    for got, ref in zip((q, k, v), refs, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=4e-4)
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("poisoned")
 def test_rows_without_keys_give_zeros_and_finite_grads():
     from effattn.kernels.block_sparse import block_sparse_attention
 
@@ -216,3 +280,7 @@ def test_wrong_block_mask_is_refused():
         block_sparse_attention(q, q, q, mask)
     with pytest.raises(TypeError, match="block_mask: expected a BlockMask"):
         block_sparse_attention(q, q, q, "causal")
+    per_head = BlockMask.from_predicate(per_head_blocks(3, 16, 32), 32, 32, 16, 16, "cpu")
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match=r"one per head \(2\), got 3 pattern heads"):
+        block_sparse_attention(q, q, q, per_head)

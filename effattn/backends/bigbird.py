@@ -171,10 +171,10 @@ class BigBirdAttention(SparseImplMixin, Backend):
                 (key, "table", str(q.device)),
                 lambda: self.block_table(q_len, kv_len, heads, q.device),
             )
-            per_head = [block_table(table[h], b) for h in range(heads)]  # (nbq, nbk) each
             return triton_sparse_attention(
-                per_head, q, k, v, key_padding_mask=key_padding_mask, scale=scale, cache_key=key
-            )
+                block_table(table, b),  # (H, nbq, nbk) table -> (H, Nq, Nk) predicate
+                q, k, v, key_padding_mask=key_padding_mask, scale=scale, cache_key=key,
+            )  # fmt: skip
         one_row = torch.arange(1, device=q.device)  # the dense mask is the same for every row
         dense_bias = rows_bias(None, one_row, kv_len, key_padding_mask, q.dtype, key)
         if self.is_dense(kv_len):

@@ -1,0 +1,131 @@
+"""effattn.bench.interleave: the calls are timed in interleaved order, and median, spreads and
+ratio (the median of per-repeat ratios, not the ratio of medians) are what the docstring says.
+A fake meter stands in for meters.time_cpu: each timing is scripted, nothing depends on speed."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from effattn.bench import interleave
+from effattn.bench.interleave import Interleaved, time_interleaved
+from effattn.bench.meters import Timing
+
+
+def _fake_meter(
+    monkeypatch: pytest.MonkeyPatch, script: dict[str, Iterator[tuple[float, float]]], log: list
+) -> None:
+    """Replace time_cpu: call fn once (it logs its name), then return the next scripted
+    (median_ms, iqr_ms) of that callable; record the meter's keyword arguments too."""
+
+    def fake_time_cpu(fn: Callable[[], object], *, threads: int, min_run_time_s: float) -> Timing:
+        name = fn()
+        log.append((name, threads, min_run_time_s))
+        median_ms, iqr_ms = next(script[name])
+        return Timing(median_ms=median_ms, iqr_ms=iqr_ms, runs=10)
+
+    monkeypatch.setattr(interleave, "time_cpu", fake_time_cpu)
+
+
+def _named(name: str) -> Callable[[], str]:
+    return lambda: name
+
+
+def test_calls_are_interleaved_in_order_with_the_meter_settings(monkeypatch):
+    log: list = []
+    script = {k: iter([(1.0, 0.1)] * 3) for k in "abc"}
+    _fake_meter(monkeypatch, script, log)
+    timed = time_interleaved(
+        {k: _named(k) for k in "abc"}, repeats=3, threads=2, min_run_time_s=0.25
+    )
+    assert [name for name, _, _ in log] == list("abcabcabc")  # a0 b0 c0 a1 b1 c1 ...
+    assert {(t, m) for _, t, m in log} == {(2, 0.25)}
+    assert list(timed.timings) == list("abc") and timed.errors == {}
+
+
+def test_median_spreads_and_ratio_semantics(monkeypatch):
+    # The module docstring's example: per-repeat medians a = 10, 20, 12 and b = 5, 12, 4.
+    script = {
+        "a": iter([(10.0, 1.0), (20.0, 4.0), (12.0, 6.0)]),
+        "b": iter([(5.0, 0.5), (12.0, 1.2), (4.0, 0.4)]),
+    }
+    _fake_meter(monkeypatch, script, [])
+    timed = time_interleaved({"a": _named("a"), "b": _named("b")}, repeats=3, threads=1)
+    assert timed.times_ms("a") == [10.0, 20.0, 12.0]
+    assert timed.median_ms("a") == 12.0 and timed.median_ms("b") == 5.0
+    # median of per-repeat ratios (2.0, 1.67, 3.0), not median_ms(a) / median_ms(b) = 2.4
+    assert timed.ratio("a", "b") == pytest.approx(2.0)
+    assert timed.ratio("b", "a") == pytest.approx(0.5)  # median of (0.5, 0.6, 0.33)
+    assert timed.ratio("a", "a") == 1.0
+    # noise within one timing: median of IQR / median per repeat (0.1, 0.2, 0.5)
+    assert timed.timing_iqr_over_median("a") == pytest.approx(0.2)
+    # load between repeats: (max - min) / median of the per-repeat medians
+    assert timed.repeat_range_over_median("a") == pytest.approx((20 - 10) / 12)
+    q1, _, q3 = statistics.quantiles([10.0, 20.0, 12.0], n=4)
+    assert timed.repeat_iqr_over_median("a") == pytest.approx((q3 - q1) / 12)
+
+
+def test_one_repeat_has_zero_repeat_iqr(monkeypatch):
+    _fake_meter(monkeypatch, {"a": iter([(3.0, 0.3)])}, [])
+    timed = time_interleaved({"a": _named("a")}, repeats=1, threads=1)
+    assert timed.repeat_iqr_over_median("a") == 0.0
+    assert timed.repeat_range_over_median("a") == 0.0
+    assert timed.median_ms("a") == 3.0 and timed.ratio("a", "a") == 1.0
+
+
+def test_a_failing_call_raises_by_default(monkeypatch):
+    def broken() -> str:
+        raise RuntimeError("kernel exploded")
+
+    _fake_meter(monkeypatch, {"a": iter([(1.0, 0.1)] * 2)}, [])
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        time_interleaved({"a": _named("a"), "b": broken}, repeats=2, threads=1)
+
+
+def test_drop_failing_records_the_error_and_stops_timing_that_call(monkeypatch):
+    log: list = []
+    calls_of_b = []
+
+    def flaky() -> str:  # completes repeat 0, raises in repeat 1
+        calls_of_b.append(1)
+        if len(calls_of_b) > 1:
+            raise RuntimeError("out of memory")
+        return "b"
+
+    def broken() -> str:
+        raise ValueError("bad shape")
+
+    script = {"a": iter([(2.0, 0.2)] * 3), "b": iter([(4.0, 0.4)] * 3)}
+    _fake_meter(monkeypatch, script, log)
+    timed = time_interleaved(
+        {"a": _named("a"), "b": flaky, "c": broken}, repeats=3, threads=1, drop_failing=True
+    )
+    assert [name for name, _, _ in log] == ["a", "b", "a", "a"]  # b and c not timed again
+    assert timed.errors == {"b": "RuntimeError: out of memory", "c": "ValueError: bad shape"}
+    assert timed.times_ms("a") == [2.0, 2.0, 2.0]
+    assert timed.times_ms("b") == []  # a call that raised is never reported as timed
+    for stat in (
+        timed.median_ms,
+        timed.timing_iqr_over_median,
+        timed.repeat_range_over_median,
+        timed.repeat_iqr_over_median,
+    ):
+        assert stat("b") is None and stat("c") is None and stat("never given") is None
+    assert timed.ratio("b", "a") is None and timed.ratio("a", "c") is None
+
+
+def test_no_calls_and_bad_repeats():
+    assert time_interleaved({}, repeats=2, threads=1) == Interleaved(timings={}, errors={})
+    with pytest.raises(ValueError, match="expected repeats >= 1, got 0"):
+        time_interleaved({"a": _named("a")}, repeats=0, threads=1)
+
+
+def test_with_the_real_meter():
+    timed = time_interleaved(
+        {"a": _named("a"), "b": _named("b")}, repeats=2, threads=1, min_run_time_s=0.001
+    )
+    assert [len(timed.times_ms(k)) for k in "ab"] == [2, 2]
+    assert all(t > 0 for k in "ab" for t in timed.times_ms(k))
+    assert timed.ratio("a", "b") > 0
