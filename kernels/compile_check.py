@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")
     parser.add_argument("--head-dims", type=_int_list, default=[16, 32, 64, 128, 256],
                         help="head-dim tiles (powers of two, 16..256)")  # fmt: skip
+    parser.add_argument("--launch", choices=["all", "autotune", "fixed"], default="all",
+                        help="which launches: all, autotuner configs, fixed")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", help="also write the table (markdown) here")
     parser.add_argument("--json", help="also write the results (JSON lines) here")
@@ -297,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in dtypes if d not in _DTYPE_NAMES]
     if unknown:
         parser.error(f"--dtypes: expected some of {', '.join(_DTYPE_NAMES)}, got {unknown}")
-    variants = launch_variants(dtypes, args.head_dims)
+    variants = [
+        v for v in launch_variants(dtypes, args.head_dims) if args.launch in ("all", v.launch)
+    ]
     print(f"compiling {len(variants)} launches for sm_{args.arch}", file=sys.stderr, flush=True)
     results = []
     with contextlib.ExitStack() as files:
