@@ -1,6 +1,6 @@
 """`local`, `strided` and `bigbird` through the fused Triton block-sparse kernel (impl="triton",
-run on CPU under TRITON_INTERPRET=1, set by conftest.py) equal their torch path and their own
-pattern, forward and gradients."""
+on CUDA or under Triton's CPU interpreter: tests/kernel_device.py) equal their torch path and
+their own pattern, forward and gradients."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import pytest
 import torch
 
 import effattn
-from effattn.kernels._runtime import unavailable_reasons
+from tests.kernel_device import DEVICE, needs_kernels
 from tests.pattern_check import assert_matches_pattern
 
-pytestmark = pytest.mark.skipif(
-    bool(unavailable_reasons("cpu")), reason="; ".join(unavailable_reasons("cpu"))
-)
+pytestmark = needs_kernels
 
 CASES = [
     ("local", dict(window=8), False),
@@ -27,14 +25,14 @@ CASES = [
 
 
 def _qkv(n: int, heads: int = 2):
-    return tuple(torch.randn(2, heads, n, 32) for _ in range(3))
+    return tuple(torch.randn(2, heads, n, 32, device=DEVICE) for _ in range(3))
 
 
 @pytest.mark.parametrize(("name", "options", "causal"), CASES)
 def test_triton_equals_torch_path_and_pattern(name, options, causal):
     n = 100  # ragged: not a multiple of the tiles or blocks
     q, k, v = _qkv(n)
-    keep = torch.ones(2, n, dtype=torch.bool)
+    keep = torch.ones(2, n, dtype=torch.bool, device=DEVICE)
     keep[1, 70:] = False
     fused = effattn.get_backend(name, impl="triton", **options)
     plain = effattn.get_backend(name, impl="torch", **options)
@@ -54,7 +52,7 @@ def test_triton_equals_torch_path_and_pattern(name, options, causal):
 
 
 def test_auto_picks_torch_on_cpu_and_triton_refuses_float64():
-    q, k, v = (t.double() for t in _qkv(40))
+    q, k, v = (t.double().cpu() for t in _qkv(40))
     out = effattn.attention(q, k, v, "local", window=4)  # auto -> torch on CPU: float64 works
     assert out.dtype == torch.float64
     with pytest.raises(ValueError, match=r"dtype=float64 with impl='triton'"):

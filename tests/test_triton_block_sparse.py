@@ -1,4 +1,5 @@
-"""The block-sparse Triton kernel and its BlockMask, under Triton's CPU interpreter.
+"""The block-sparse Triton kernel and its BlockMask, on CUDA or under Triton's CPU interpreter
+(tests/kernel_device.py).
 
 BlockMask lists are checked against the dense predicate; the kernel's output and gradients
 against the float64 reference and the torch computation over the same dense pattern
@@ -16,12 +17,8 @@ from effattn.kernels import _runtime
 from effattn.kernels.block_mask import BlockMask
 from effattn.patterns import and_, causal, dense_mask
 from effattn.reference import pattern_attention
+from tests.kernel_device import DEVICE, needs_kernels
 from tests.reference import reference_attention
-
-needs_interpreter = pytest.mark.skipif(
-    not (_runtime.triton_installed() and _runtime.interpreting()),
-    reason="needs triton and TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)",
-)
 
 
 # Small predicates written here, so that these tests depend only on the kernel's contract.
@@ -170,7 +167,7 @@ TOLERANCES = {
 }
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.usefixtures("poisoned")
 @pytest.mark.parametrize(
     ("name", "nq", "nk", "bm", "bn", "padded", "dtype"),
@@ -187,13 +184,17 @@ def test_kernel_matches_reference(name, nq, nk, bm, bn, padded, dtype):
     from effattn.kernels.block_sparse import block_sparse_attention
 
     pred = PREDICATES[name](nq, nk)
-    mask = BlockMask.from_predicate(pred, nq, nk, bm, bn, "cpu")
-    dense = dense_mask(pred, nq, nk)
+    mask = BlockMask.from_predicate(pred, nq, nk, bm, bn, DEVICE)
+    dense = dense_mask(pred, nq, nk, DEVICE)
     b, h, d = 2, 2, 32
-    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for n in (nq, nk, nk))
+    q, k, v = (
+        torch.randn(b, h, n, d, dtype=dtype, device=DEVICE, requires_grad=True)
+        for n in (nq, nk, nk)
+    )
     keep = None
     if padded:
-        keep = torch.arange(nk)[None, :] < torch.tensor([nk, nk // 3])[:, None]
+        lengths = torch.tensor([nk, nk // 3], device=DEVICE)
+        keep = torch.arange(nk, device=DEVICE)[None, :] < lengths[:, None]
     out = block_sparse_attention(q, k, v, mask, scale=0.2, key_padding_mask=keep)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -214,7 +215,7 @@ def test_kernel_matches_reference(name, nq, nk, bm, bn, padded, dtype):
     torch.testing.assert_close(out.detach(), torch_out, atol=atol, rtol=rtol)
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.usefixtures("poisoned")
 def test_kernel_with_a_pattern_per_head():
     """Each head attends over its own lists: output and gradients equal the reference over
@@ -223,9 +224,9 @@ def test_kernel_with_a_pattern_per_head():
 
     b, h, n, d = 2, 3, 90, 16
     pred = per_head_blocks(h, 16, n)
-    mask = BlockMask.from_predicate(pred, n, n, 16, 16, "cpu")
-    dense = dense_mask(pred, n, n)  # (H, N, N)
-    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    mask = BlockMask.from_predicate(pred, n, n, 16, 16, "cpu").to(DEVICE)
+    dense = dense_mask(pred, n, n).to(DEVICE)  # (H, N, N)
+    q, k, v = (torch.randn(b, h, n, d, device=DEVICE, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, mask, scale=0.3)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -237,7 +238,7 @@ def test_kernel_with_a_pattern_per_head():
         torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=4e-4)
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.usefixtures("poisoned")
 def test_rows_without_keys_give_zeros_and_finite_grads():
     from effattn.kernels.block_sparse import block_sparse_attention
@@ -245,8 +246,8 @@ def test_rows_without_keys_give_zeros_and_finite_grads():
     def pred(q_idx, kv_idx):  # queries 0..39 keep nothing
         return (q_idx >= 40) & (kv_idx <= q_idx)
 
-    mask = BlockMask.from_predicate(pred, 64, 64, 16, 16, "cpu")
-    q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+    mask = BlockMask.from_predicate(pred, 64, 64, 16, 16, DEVICE)
+    q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, mask)
     out.sum().backward()
     assert torch.equal(out[:, :, :40], torch.zeros_like(out[:, :, :40]))
@@ -254,7 +255,7 @@ def test_rows_without_keys_give_zeros_and_finite_grads():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-@needs_interpreter
+@needs_kernels
 def test_dense_block_mask_equals_dense_kernel():
     """Both kernels share their tile steps: an all-True block mask gives the dense result."""
     from effattn.kernels.block_sparse import block_sparse_attention
@@ -263,24 +264,24 @@ def test_dense_block_mask_equals_dense_kernel():
     def everything(q_idx, kv_idx):
         return (q_idx >= 0) & (kv_idx >= 0)
 
-    mask = BlockMask.from_predicate(everything, 80, 80, 32, 32, "cpu")
-    q, k, v = (torch.randn(1, 2, 80, 32) for _ in range(3))
+    mask = BlockMask.from_predicate(everything, 80, 80, 32, 32, DEVICE)
+    q, k, v = (torch.randn(1, 2, 80, 32, device=DEVICE) for _ in range(3))
     sparse = block_sparse_attention(q, k, v, mask)
     dense = flash_attention(q, k, v, block_m=32, block_n=32)
     torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=1e-6)
 
 
-@needs_interpreter
+@needs_kernels
 def test_wrong_block_mask_is_refused():
     from effattn.kernels.block_sparse import block_sparse_attention
 
-    mask = BlockMask.from_predicate(causal(32, 32), 32, 32, 16, 16, "cpu")
-    q = torch.randn(1, 1, 48, 16)
+    mask = BlockMask.from_predicate(causal(32, 32), 32, 32, 16, 16, DEVICE)
+    q = torch.randn(1, 1, 48, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"block_mask: expected one built for \(Nq, Nk\)"):
         block_sparse_attention(q, q, q, mask)
     with pytest.raises(TypeError, match="block_mask: expected a BlockMask"):
         block_sparse_attention(q, q, q, "causal")
-    per_head = BlockMask.from_predicate(per_head_blocks(3, 16, 32), 32, 32, 16, 16, "cpu")
-    q = torch.randn(1, 2, 32, 16)
+    per_head = BlockMask.from_predicate(per_head_blocks(3, 16, 32), 32, 32, 16, 16).to(DEVICE)
+    q = torch.randn(1, 2, 32, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"one per head \(2\), got 3 pattern heads"):
         block_sparse_attention(q, q, q, per_head)

@@ -1,7 +1,8 @@
-"""The `triton` backend's fused kernels under Triton's CPU interpreter (TRITON_INTERPRET=1, set
-by conftest.py): output and gradients against the float64 reference and the `full` backend;
-causal (bottom-right aligned), ragged N, Nq != Nk, padding, head dims, dtypes; every output
-and gradient element written. Sizes are tiny: the interpreter runs each program in numpy."""
+"""The `triton` backend's fused kernels, on CUDA or under Triton's CPU interpreter
+(tests/kernel_device.py): output and gradients against the float64 reference and the `full`
+backend; causal (bottom-right aligned), ragged N, Nq != Nk, padding, head dims, dtypes; every
+output and gradient element written. Sizes are tiny: the interpreter runs each program in
+numpy."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import torch
 
 import effattn
 from effattn.kernels import _runtime
+from tests.kernel_device import DEVICE, needs_kernels
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention
 
-pytestmark = pytest.mark.skipif(
-    not (_runtime.triton_installed() and _runtime.interpreting()),
-    reason="needs triton and TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)",
-)
+pytestmark = needs_kernels
 
 # (atol, rtol) against the float64 reference, per input dtype.
 TOLERANCES = {
@@ -37,9 +36,9 @@ def _poison_buffers(monkeypatch):
 
 
 def _inputs(b, h, nq, nk, d, dtype):
-    q = torch.randn(b, h, nq, d, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, h, nk, d, dtype=dtype, requires_grad=True)
-    v = torch.randn(b, h, nk, d, dtype=dtype, requires_grad=True)
+    q = torch.randn(b, h, nq, d, dtype=dtype, device=DEVICE, requires_grad=True)
+    k = torch.randn(b, h, nk, d, dtype=dtype, device=DEVICE, requires_grad=True)
+    v = torch.randn(b, h, nk, d, dtype=dtype, device=DEVICE, requires_grad=True)
     return q, k, v
 
 
@@ -87,8 +86,8 @@ def test_float32_matches_reference(causal, nq, nk, d):
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_mask_and_empty_rows(causal):
     q, k, v = _inputs(3, 2, 90, 90, 32, torch.float32)
-    lengths = torch.tensor([90, 41, 0])  # the last sequence is all padding: every row empty
-    keep = torch.arange(90)[None, :] < lengths[:, None]
+    lengths = torch.tensor([90, 41, 0], device=DEVICE)  # the last one all padding: rows empty
+    keep = torch.arange(90, device=DEVICE)[None, :] < lengths[:, None]
     out = _check_against_reference(q, k, v, causal=causal, key_padding_mask=keep)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     assert torch.equal(k.grad[2], torch.zeros_like(k.grad[2]))
@@ -109,7 +108,7 @@ def test_block_size_options(block_m, block_n):
 
 def test_matches_full_backend_and_own_pattern():
     q, k, v = _inputs(2, 2, 120, 120, 32, torch.float32)
-    keep = torch.ones(2, 120, dtype=torch.bool)
+    keep = torch.ones(2, 120, dtype=torch.bool, device=DEVICE)
     keep[1, 100:] = False
     ours = effattn.attention(q, k, v, "triton", causal=True, key_padding_mask=keep, scale=0.3)
     full = effattn.attention(q, k, v, "full", causal=True, key_padding_mask=keep, scale=0.3)
