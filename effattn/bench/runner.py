@@ -263,6 +263,7 @@ def measure_points(
         else:
             pending.append(point)
     running: dict[int, RunningWorker] = {}  # slot index -> its worker
+    curve = {p.key: _curve(p) for p in pending}  # computed once: each pass looks them up
 
     def record(row: Row) -> None:
         results.append(row)
@@ -272,9 +273,9 @@ def measure_points(
             on_row(row)
 
     while pending or running:
-        busy = {_curve(w.point) for w in running.values()}
+        busy = {curve[w.point.key] for w in running.values()}
         for slot in (i for i in range(len(slots)) if i not in running):
-            point = next((p for p in pending if _curve(p) not in busy), None)
+            point = next((p for p in pending if curve[p.key] not in busy), None)
             while point is not None:
                 pending.remove(point)
                 reasons = _unsupported(point)
@@ -283,14 +284,14 @@ def measure_points(
                     break
                 status, why = ("unsupported", "; ".join(reasons)) if reasons else ("skipped", cut)
                 record(Row.make(point, status, why))
-                point = next((p for p in pending if _curve(p) not in busy), None)
+                point = next((p for p in pending if curve[p.key] not in busy), None)
             if point is None:
                 break
             progress.show(point.describe())
             running[slot] = RunningWorker.start(
                 point, spec, Path(run_dir) / WORKER_LOG, slots[slot]
             )
-            busy.add(_curve(point))
+            busy.add(curve[point.key])
         if not running:
             continue
         soonest = min(w.deadline() for w in running.values())
