@@ -72,6 +72,21 @@ def _triples(full_num, full_idx, part_num, part_idx, part_tile) -> set[tuple[int
     return out
 
 
+def _consistent_tiles(mask: BlockMask) -> set[tuple[int, ...]]:
+    """The forward lists' (head, query block, key block, tile) set, checked to equal the
+    transposed lists' set (with the block indices swapped back)."""
+    forward = _triples(
+        mask.full_kv_num_blocks, mask.full_kv_indices, mask.kv_num_blocks, mask.kv_indices,
+        mask.kv_tile_ids,
+    )  # fmt: skip
+    transposed = _triples(
+        mask.full_q_num_blocks, mask.full_q_indices, mask.q_num_blocks, mask.q_indices,
+        mask.q_tile_ids,
+    )  # fmt: skip
+    assert forward == {(h, i, j, t) for h, j, i, t in transposed}  # (key, query) -> swapped
+    return forward
+
+
 def per_head_blocks(heads: int, block: int, n: int):
     """A different random block table per head (BigBird's random blocks): (H, Nq, Nk)."""
     blocks = -(-n // block)
@@ -92,17 +107,7 @@ def test_block_mask_encodes_the_predicate(name, nq, nk, bm, bn):
     mask = BlockMask.from_predicate(pred, nq, nk, bm, bn, "cpu")
     assert mask.heads == 1
     assert torch.equal(mask.to_dense(), dense_mask(pred, nq, nk)[None])
-    # Transposed lists: the same set of (query block, key block, tile) triples.
-    forward = _triples(
-        mask.full_kv_num_blocks, mask.full_kv_indices, mask.kv_num_blocks, mask.kv_indices,
-        mask.kv_tile_ids,
-    )  # fmt: skip
-    transposed = _triples(
-        mask.full_q_num_blocks, mask.full_q_indices, mask.q_num_blocks, mask.q_indices,
-        mask.q_tile_ids,
-    )  # fmt: skip
-    transposed = {(h, j, i, t) for h, i, j, t in transposed}  # (key, query block) -> swapped
-    assert forward == transposed
+    forward = _consistent_tiles(mask)
     assert mask.num_computed_blocks == len(forward)
 
 
@@ -115,15 +120,7 @@ def test_block_mask_per_head():
     dense = dense_mask(pred, 100, 100)  # (3, 100, 100)
     assert not torch.equal(dense[0], dense[1])
     assert torch.equal(mask.to_dense(), dense)
-    forward = _triples(
-        mask.full_kv_num_blocks, mask.full_kv_indices, mask.kv_num_blocks, mask.kv_indices,
-        mask.kv_tile_ids,
-    )  # fmt: skip
-    transposed = _triples(
-        mask.full_q_num_blocks, mask.full_q_indices, mask.q_num_blocks, mask.q_indices,
-        mask.q_tile_ids,
-    )  # fmt: skip
-    assert forward == {(h, j, i, t) for h, i, j, t in transposed}
+    _consistent_tiles(mask)
     one_head = BlockMask.from_predicate(window(40), 100, 100, 32, 16, "cpu")
     assert mask.flops(2, 6, 64) == 4 * 2 * 2 * 64 * mask.num_computed_blocks * 32 * 16
     assert one_head.flops(2, 6, 64) == 4 * 2 * 6 * 64 * one_head.num_computed_blocks * 32 * 16
