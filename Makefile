@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint sweep bench bench-check test-triton-3.6 clean
+.PHONY: setup test lint sweep bench bench-check test-triton-3.6 test-hf5 clean
 
 setup: $(STAMP)
 
@@ -50,8 +50,24 @@ $(VENV36)/.installed-stamp: pyproject.toml constraints.txt
 test-triton-3.6: $(VENV36)/.installed-stamp
 	$(VENV36)/bin/python -m pytest -q -W ignore::DeprecationWarning $(KERNEL_TESTS)
 
+# The HuggingFace integration under transformers 5.x too: `effattn[hf]` installs the newest
+# transformers, while the dev extra pins < 5 for the peers (5.x removed Transformer-XL).
+VENVHF5 ?= .venv-hf5
+HF5 ?= transformers==5.23.0
+
+$(VENVHF5)/.installed-stamp: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENVHF5)
+	$(VENVHF5)/bin/python -m pip install -q --upgrade pip
+	$(VENVHF5)/bin/python -m pip install -q -c constraints.txt torch
+	$(VENVHF5)/bin/python -m pip install -q "$(HF5)" pytest pytest-benchmark hypothesis
+	$(VENVHF5)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-hf5: $(VENVHF5)/.installed-stamp
+	$(VENVHF5)/bin/python -m pytest -q tests/test_huggingface.py
+
 clean:
-	rm -rf $(VENV) $(VENV36) .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(VENV36) $(VENVHF5) .pytest_cache .ruff_cache .hypothesis *.egg-info
 
 # pytest-benchmark suite (never part of `make test`). EFFATTN_BENCH_N=1024,2048 narrows it.
 BENCH_TOLERANCE ?= 10%

@@ -38,6 +38,17 @@ OTHER_BACKENDS = [
 ]
 
 
+def _skip_unless_it_runs_here(name: str) -> None:
+    """Skip with the backend's own reasons when it cannot run the tests' calls (CPU, float32,
+    causal where it can be) here: ``triton`` without triton installed or TRITON_INTERPRET."""
+    backend = effattn.get_backend(name)
+    reasons = backend.not_supported_reasons(
+        device="cpu", dtype=torch.float32, causal=backend.supports_causal
+    )
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
     hf.register()
@@ -386,6 +397,7 @@ def test_spied_backend_runs_forward_and_backward():
 
 @pytest.mark.parametrize("name", OTHER_BACKENDS)
 def test_every_other_backend_trains_inside_a_model(name: str):
+    _skip_unless_it_runs_here(name)
     cls = effattn.backend_class(name)
     model = _llama() if cls.supports_causal else _esm()
     mask = _padding("right") if cls.supports_padding_mask else None
@@ -408,6 +420,7 @@ def test_local_backend_with_a_window_changes_the_logits():
 def test_every_other_backend_takes_the_transformers_layout(name: str, batch: int):
     """transformers hands over q, k, v as (B, N, H, D) views transposed to (B, H, N, D), which
     are not contiguous; N = 256 is past several blocks or buckets of the sparse backends."""
+    _skip_unless_it_runs_here(name)
     cls = effattn.backend_class(name)
     module = torch.nn.Module()
     module.is_causal = cls.supports_causal

@@ -12,7 +12,8 @@ default options; ``register(name=..., backend=..., **options)`` registers one ba
 options. Each name goes to transformers' ``AttentionInterface`` (the attention call) and
 ``AttentionMaskInterface`` (the mask a model builds once per forward). Only models that
 dispatch through AttentionInterface run them (``_supports_attention_backend``: Llama, Mistral,
-Qwen, ESM, ...); in transformers 4.57 BERT and RoBERTa still have their own attention classes.
+Qwen, ESM, ...; BERT and RoBERTa from transformers 5, not in 4.57). Tested with transformers
+4.57 and 5.23.
 
 How masks reach the backend. effattn backends take a ``causal`` flag and a (B, Nk) bool key
 padding mask, never a dense (Nq, Nk) mask, so:
@@ -340,70 +341,87 @@ def _keep_from_4d(mask: Tensor) -> Tensor:
 # -- the mask function (AttentionMaskInterface) -----------------------------------------------
 def key_padding_mask_interface(
     batch_size: int,
-    cache_position: Tensor,
-    kv_length: int,
+    cache_position: Tensor | None = None,
+    kv_length: int = 0,
     kv_offset: int = 0,
     mask_function: Callable | None = None,
     attention_mask: Tensor | None = None,
+    *,
+    q_length: int | None = None,
+    q_offset: int = 0,
     **kwargs: Any,
 ) -> Tensor | None:
     """transformers' mask hook for effattn: None, or the (B, Nk) bool key padding mask.
 
-    Args (as transformers' mask interface passes them):
+    Args (as transformers' mask interface passes them; 4.x gives the queries' positions as
+    ``cache_position``, 5.x as ``q_length`` and ``q_offset``):
         batch_size: B.
-        cache_position: (Nq,) absolute positions of the queries.
+        cache_position: (Nq,) absolute positions of the queries (transformers 4.x).
         kv_length: Nk, the number of keys the attention call will see.
         kv_offset: absolute position of the first of them.
         mask_function: the model's pattern predicate (causal, or causal with a window, chunks,
-            packed sequences, overlays); it must equal plain causal on the first and last
-            query's rows (checked in O(B * Nk)), else a ValueError names what to change.
+            packed sequences, overlays; bidirectional for encoders in 5.x); it must equal plain
+            causal or keep every key on the first and last query's rows (checked in O(B * Nk)),
+            else a ValueError names what to change.
         attention_mask: None or the (B, >= kv_offset + Nk) bool padding mask (True = keep).
+        q_length, q_offset: Nq and the absolute position of the first query (transformers 5.x).
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, prepare_padding_mask
-
-    q_len = cache_position.shape[0]
-    first, last = int(cache_position[0]), int(cache_position[-1])
+    if cache_position is not None:
+        q_len, first = cache_position.shape[0], int(cache_position[0])
+        last = int(cache_position[-1])
+    elif q_length is not None:
+        q_len, first, last = q_length, q_offset, q_offset + q_length - 1
+    else:
+        raise ValueError(
+            "key_padding_mask_interface: expected cache_position or q_length, got neither"
+        )
     if last - kv_offset != kv_length - 1 or last - first != q_len - 1:
         raise ValueError(
             "cache_position: effattn backends align the last query with the last key, got "
             f"queries at positions {first}..{last} over {kv_length} keys from position "
             f"{kv_offset} (a static or pre-allocated cache); use the default dynamic cache"
         )
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
     if mask_function is not None:
-        sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-        _check_plain_causal(
-            sdpa_mask, mask_function, batch_size, cache_position, kv_length, kv_offset
-        )
+        _check_plain_pattern(mask_function, batch_size, (first, last), kv_length, kv_offset, device)
     if attention_mask is None:
         return None
-    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, Nk)
-    padding = padding if padding.dtype == torch.bool else padding != 0
+    padding = _keys_of(attention_mask, kv_length, kv_offset)  # (B, Nk)
     return None if bool(padding.all()) else padding
 
 
-def _check_plain_causal(
-    sdpa_mask: Callable,
+def _keys_of(attention_mask: Tensor, kv_length: int, kv_offset: int) -> Tensor:
+    """The (B, Nk) bool padding of the keys at kv_offset .. kv_offset + Nk - 1 from the model's
+    (B, L) mask, positions past L counting as padding (as transformers pads it)."""
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    missing = kv_offset + kv_length - keep.shape[-1]
+    if missing > 0:
+        keep = torch.nn.functional.pad(keep, (0, missing))  # (B, L) -> (B, kv_offset + Nk)
+    return keep[:, kv_offset : kv_offset + kv_length]
+
+
+def _check_plain_pattern(
     mask_function: Callable,
     batch_size: int,
-    cache_position: Tensor,
+    rows: tuple[int, int],
     kv_length: int,
     kv_offset: int,
+    device: torch.device | str,
 ) -> None:
-    """Raise unless ``mask_function`` keeps exactly the causal keys on the first and last query's
-    rows. A sliding window, chunks or packed sequences all drop keys from the last row."""
-    rows = cache_position[[0, -1]]  # (2,) positions of the first and last query
-    got = sdpa_mask(
-        batch_size=batch_size,
-        cache_position=rows,
-        kv_length=kv_length,
-        kv_offset=kv_offset,
-        mask_function=mask_function,
-        attention_mask=None,
-        allow_is_causal_skip=False,
-    )  # (B, 1, 2, Nk) bool
-    kv_positions = torch.arange(kv_length, device=rows.device) + kv_offset
-    expected = kv_positions[None, :] <= rows[:, None]  # (2, Nk)
-    if got is None or not bool((got[:, 0] == expected).all()):
+    """Raise unless ``mask_function`` keeps exactly the causal keys, or every key (an encoder's
+    bidirectional mask, transformers 5.x), on the rows of the first and last query (absolute
+    positions ``rows``). A sliding window, chunks or packed sequences all drop keys from the
+    last row. Evaluates the predicate on those rows only: O(B * Nk). Causal or not, the call
+    itself then follows the layer's ``is_causal``."""
+    kv_idx = torch.arange(kv_offset, kv_offset + kv_length, device=device)  # (Nk,)
+    kv_idx = kv_idx.expand(batch_size, -1)  # (Nk,) -> (B, Nk)
+    batch_idx = torch.arange(batch_size, device=device)[:, None].expand_as(kv_idx)  # (B, Nk)
+    got = [
+        mask_function(batch_idx, torch.zeros_like(kv_idx), torch.full_like(kv_idx, row), kv_idx)
+        for row in rows
+    ]  # (B, Nk) bool per row
+    causal = all(bool((keep == (kv_idx <= row)).all()) for keep, row in zip(got, rows, strict=True))
+    if not (causal or all(bool(keep.all()) for keep in got)):
         raise ValueError(
             "attention_mask: effattn backends take causality and key padding only, but the "
             "model asks for another pattern (a sliding window, chunked attention, packed "
