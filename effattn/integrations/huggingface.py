@@ -20,7 +20,8 @@ padding mask, never a dense (Nq, Nk) mask, so:
 
 - the mask function registered for each name returns None (no padding) or the (B, Nk) bool key
   padding mask (True = the key takes part), like transformers' flash-attention masks. It first
-  checks that the pattern the model asks for is plain causal: a sliding window, chunked
+  checks that the pattern the model asks for is plain causal, or every key for an encoder
+  (transformers 5.x builds encoders' masks there too): a sliding window, chunked
   attention, packed sequences (``position_ids`` that restart) or an overlay that changes the
   first or last query's row is refused with a ValueError, never silently dropped;
 - causality then comes from the call's ``is_causal`` argument or the module's ``is_causal``
