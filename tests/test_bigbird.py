@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import effattn
+from effattn import blocksparse
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention
 
@@ -55,3 +56,67 @@ def test_bigbird_flops_are_linear():
     backend = effattn.get_backend("bigbird")
     small, large = (backend.flops(1, 1, n, n, 64) for n in (4096, 16384))
     assert large <= 4.1 * small
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), [(61, 61), (50, 77), (77, 50)])
+def test_bigbird_in_chunks_equals_reference(monkeypatch, n_q: int, n_k: int):
+    """Gathered keys in chunks of one query block (and B > 1, padding, per-head lists):
+    output and the gradients of q, k, v match the reference over the block table."""
+    monkeypatch.setattr(blocksparse, "GATHER_CHUNK_BYTES", 1)  # one query block per chunk
+    backend = effattn.get_backend("bigbird", block_size=5, num_random_blocks=2, seed=1)
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64) for n in (n_q, n_k, n_k))
+    keep = torch.rand(2, n_k) > 0.2
+    assert_matches_pattern(backend, q, k, v, key_padding_mask=keep)
+    assert_matches_pattern(backend, q, k, v)
+    if n_q == n_k:  # (B, N, H, D).transpose(1, 2) views, as HF models pass them
+        views = torch.randn(3, 1, n_q, 3, 8, dtype=torch.float64).transpose(2, 3).unbind(0)
+        assert not views[0].is_contiguous()
+        assert_matches_pattern(backend, *views)
+
+
+@pytest.mark.parametrize(
+    "needs_grad", [(True, False, False), (False, True, False), (False, False, True)]
+)
+def test_bigbird_gradients_of_some_inputs(monkeypatch, needs_grad: tuple[bool, bool, bool]):
+    """Only some of q, k, v require grad: the same gradients as when all do; no grad: the
+    same output."""
+    monkeypatch.setattr(blocksparse, "GATHER_CHUNK_BYTES", 1)
+    backend = effattn.get_backend("bigbird", block_size=4)
+    inputs = [torch.randn(2, 2, 48, 8, dtype=torch.float64) for _ in range(3)]
+    grad_out = torch.randn(2, 2, 48, 8, dtype=torch.float64)
+    every = [x.clone().requires_grad_() for x in inputs]
+    out = backend(*every)
+    out.backward(grad_out)
+    some = [x.clone().requires_grad_(n) for x, n in zip(inputs, needs_grad, strict=True)]
+    backend(*some).backward(grad_out)
+    for x, y, n in zip(some, every, needs_grad, strict=True):
+        assert (x.grad is not None) == n
+        if n:
+            torch.testing.assert_close(x.grad, y.grad, atol=1e-12, rtol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(backend(*inputs), out.detach(), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gathered_attention_chunks_change_nothing(monkeypatch, per_head: bool):
+    """blocksparse.gathered_attention (bigbird's middle blocks; local's and strided's gathered
+    keys): chunks of 1 query block give the output and gradients of a single chunk, with key
+    lists per head (H, nb, m) or shared (nb, m), absent (-1) keys, and a (B, 1, nb, b, m) mask."""
+    batch, heads, nb, b, m, n_k = 2, 3, 7, 4, 9, 30
+    q = torch.randn(batch, heads, nb, b, 8, dtype=torch.float64)
+    k, v = (torch.randn(batch, heads, n_k, 8, dtype=torch.float64) for _ in range(2))
+    positions = torch.randint(-1, n_k, (heads, nb, m) if per_head else (nb, m))
+    positions[..., 0] = 0  # every row keeps a key
+    keep = (positions[..., None, :] >= 0) & (torch.rand(batch, 1, nb, b, m) > 0.3)
+    keep[..., 0] = True
+    bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    grad_out = torch.randn_like(q)
+    results = []
+    for chunk_bytes in (2**30, 1):
+        monkeypatch.setattr(blocksparse, "GATHER_CHUNK_BYTES", chunk_bytes)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = blocksparse.gathered_attention(*leaves, positions, bias, scale=0.3)
+        out.backward(grad_out)
+        results.append([out.detach(), *(x.grad for x in leaves)])
+    for one, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, one, atol=1e-12, rtol=1e-10)

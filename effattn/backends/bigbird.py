@@ -32,9 +32,8 @@ from torch import Tensor
 from effattn.backend import Backend, Pattern
 from effattn.blocksparse import (
     block_bias,
-    blocks_attention,
     cached,
-    gather_keys,
+    gathered_attention,
     num_blocks,
     predicate_pattern,
     query_blocks,
@@ -183,25 +182,21 @@ class BigBirdAttention(SparseImplMixin, Backend):
         first, last = self._global_rows(nbq)
         qb = query_blocks(q, b)  # (B, H, nbq, b, D)
         pieces = []
-        if first:
-            rows = qb[:, :, :first].flatten(2, 3)  # (B, H, first, b, D) -> (B, H, first*b, D)
-            pieces.append(rows_attention(rows, k, v, dense_bias, scale))
+        if first or last:  # the global query blocks, first and last in one call
+            rows = torch.cat([qb[:, :, :first], qb[:, :, nbq - last :]], dim=2)
+            rows = rows.flatten(2, 3)  # (B, H, first+last, b, D) -> (B, H, (first+last)*b, D)
+            dense = rows_attention(rows, k, v, dense_bias, scale)  # (B, H, (first+last)*b, D)
+            pieces.append(dense[:, :, : first * b])
         if nbq - first - last > 0:
             positions = cached(
                 (key, "positions"), lambda: self._positions(q_len, kv_len, heads, q.device)
             )
             bias = block_bias(None, None, positions, kv_len, key_padding_mask, q.dtype, key)
-            middle = blocks_attention(
-                qb[:, :, first : nbq - last],
-                gather_keys(k, positions),  # (B, H, nb, m*b, D)
-                gather_keys(v, positions),
-                bias,
-                scale,
-            )
+            qm = qb[:, :, first : nbq - last]  # (B, H, nb, b, D)
+            middle = gathered_attention(qm, k, v, positions, bias, scale)  # (B, H, nb, b, D)
             pieces.append(middle.flatten(2, 3))  # (B, H, nb, b, D) -> (B, H, nb*b, D)
         if last:
-            rows = qb[:, :, nbq - last :].flatten(2, 3)  # (B, H, last*b, D)
-            pieces.append(rows_attention(rows, k, v, dense_bias, scale))
+            pieces.append(dense[:, :, first * b :])  # (B, H, last*b, D)
         return torch.cat(pieces, dim=2)[:, :, :q_len]  # (B, H, nbq*b, D) -> (B, H, Nq, D)
 
     def pattern(
