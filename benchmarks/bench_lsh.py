@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import effattn
-from effattn.backends.lsh import SELF_ATTENTION_BIAS
+from effattn.backends.lsh.lsh import SELF_ATTENTION_BIAS
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
 

@@ -37,7 +37,7 @@ import torch
 import effattn
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
-from effattn.blocksparse import clear_cache
+from effattn.ops import clear_cache
 
 B, H, D, WINDOW = 1, 8, 64, 256
 CEILING_GFLOPS = 177  # 2-thread fp32 matmul ceiling of the project's CPU (anchors.md)

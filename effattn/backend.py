@@ -9,6 +9,7 @@ can explain a skip before it builds any tensor.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from effattn._validate import resolve_scale, validate_flag, validate_key_padding_mask, validate_qkv
 from effattn.ops import attention_flops, keep_mask, pair_count
+from effattn.patterns import Predicate, dense_mask
 
 _DTYPE_NAMES = {
     torch.float16: "float16",
@@ -52,6 +54,25 @@ class Pattern:
     weight: Tensor | None = None
     bias: Tensor | None = None
     key: Tensor | None = None
+
+
+def predicate_pattern(
+    predicate: Callable[..., Predicate],
+    q: Tensor,
+    k: Tensor,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+) -> Pattern:
+    """The dense Pattern of ``predicate(Nq, Nk, causal=causal)`` with key padding (tests and
+    pictures only). q: (B, H, Nq, D), k: (B, H, Nk, D); mask (B or 1, H or 1, Nq, Nk)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    pred = predicate(q_len, kv_len, causal=causal)
+    mask = dense_mask(pred, q_len, kv_len, q.device)  # (Nq, Nk), or (H, Nq, Nk) with a head dim
+    mask = mask if mask.dim() == 3 else mask[None]  # (Nq, Nk) -> (1, Nq, Nk)
+    mask = mask[None]  # (H or 1, Nq, Nk) -> (1, H or 1, Nq, Nk)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
+    return Pattern(mask=mask)
 
 
 @dataclass(frozen=True)

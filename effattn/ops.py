@@ -1,7 +1,11 @@
-"""Small tensor helpers shared by the torch backends: the keep-mask of causality and key
-padding, and pair counts for FLOP accounting."""
+"""Small helpers shared by the torch backends: the keep-mask of causality and key padding, pair
+counts for FLOP accounting, and the cache of patterns built once per (options, shapes)."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -47,3 +51,29 @@ def attention_flops(batch: int, heads: int, head_dim: int, pairs: int) -> int:
     """Forward FLOPs of exact attention over ``pairs`` (query, key) pairs per head:
     2*D for the score and 2*D for the weighted value sum, i.e. 4*B*H*pairs*D."""
     return 4 * batch * heads * pairs * head_dim
+
+
+T = TypeVar("T")
+
+_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
+CACHE_SIZE = 16  # patterns kept: the masks and key lists of the last few (options, shapes)
+
+
+def cached(key: Hashable | None, build: Callable[[], T]) -> T:
+    """``build()``, memoised under ``key`` (None: not cached). Patterns are fixed per
+    (backend options, Nq, Nk, ...), so their masks, key lists, BlockMasks and XL's relative
+    parameters are built once; a cached value is never modified in place."""
+    if key is None:
+        return build()
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = _CACHE[key] = build()
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def clear_cache() -> None:
+    """Forget every cached mask and key list (for memory measurements of a first call)."""
+    _CACHE.clear()

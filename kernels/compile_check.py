@@ -101,10 +101,10 @@ def launch_variants(
 ) -> list[Variant]:
     """Every launch the library makes on GPU for these dtypes, head-dim tiles and causal flags:
     the dense kernels' autotuner configs, and the fixed launches of the delta kernel
-    (``flash.row_delta``) and of the block-sparse kernels (``sparse_dispatch.gpu_tile`` tiles,
+    (``flash.row_delta``) and of the block-sparse kernels (``dispatch.gpu_tile`` tiles,
     ``flash.fixed_launch`` warps and stages)."""
+    from effattn.backends.sparse.dispatch import gpu_tile
     from effattn.kernels import flash
-    from effattn.sparse_dispatch import gpu_tile
 
     variants = []
     for dtype in dtypes:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import effattn
-from effattn import blocksparse
+from effattn.backends.sparse import blocked as blocksparse
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention
 

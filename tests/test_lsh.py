@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import effattn
-from effattn.backends.lsh import SELF_ATTENTION_BIAS
+from effattn.backends.lsh.lsh import SELF_ATTENTION_BIAS
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import effattn
-import effattn.xl as xl
+import effattn.backends.xl.relative as xl
 from effattn.nn import TransformerXLAttention
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -56,9 +56,13 @@ def _signal_name(code: int) -> str:
 
 @dataclasses.dataclass
 class RunningWorker:
-    """A worker process measuring one point; :meth:`poll` gives its answer once there is one."""
+    """A worker process measuring one point; :meth:`poll` gives its answer once there is one.
 
-    point: Point
+    Not only for sweep points: :meth:`start_target` runs any ``target(conn, *args)`` that sends
+    one dict ``{"status": ..., "reason": ..., **fields}`` over ``conn`` (the quality runs train
+    one model per worker this way), with the same time limit and crash/OOM statuses."""
+
+    point: Any  # what the worker measures: a sweep Point, or any job of the caller's
     proc: mp.process.BaseProcess
     conn: Connection  # the parent's end of the pipe
     limit_s: float  # the point's time limit
@@ -70,13 +74,26 @@ class RunningWorker:
         cls, point: Point, spec: SweepSpec, log: Path | None = None, gpu: str | None = None
     ) -> RunningWorker:
         """Fork a worker for ``point``; ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins its GPU."""
+        args = (point, spec.settings, list(spec.plugins), log, gpu)
+        return cls.start_target(point, worker_main, args, spec.settings.time_limit_s, log)
+
+    @classmethod
+    def start_target(
+        cls,
+        job: Any,
+        target: Callable[..., None],
+        args: tuple,
+        limit_s: float,
+        log: Path | None = None,
+    ) -> RunningWorker:
+        """Fork a worker (from the forkserver) running ``target(conn, *args)`` for ``job``;
+        ``target`` must be importable (a module-level function) and send one result dict."""
         ctx = _context()
         parent, child = ctx.Pipe(duplex=False)
-        args = (child, point, spec.settings, list(spec.plugins), log, gpu)
-        proc = ctx.Process(target=worker_main, args=args, daemon=True)
+        proc = ctx.Process(target=target, args=(child, *args), daemon=True)
         proc.start()
         child.close()
-        return cls(point, proc, parent, spec.settings.time_limit_s, log)
+        return cls(job, proc, parent, limit_s, log)
 
     def waitables(self) -> list:
         return [self.conn, self.proc.sentinel]

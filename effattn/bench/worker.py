@@ -139,6 +139,20 @@ def run_point(point: Point, settings: Settings, plugins: list[str]) -> dict[str,
         return {"status": "crashed", "reason": _first_line(err) + where}
 
 
+def redirect_output(log: Path | None, title: str) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ and library
+    output too) to ``log``, appended, under a ``--- title (pid N)`` line; None: leave them."""
+    if log is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    print(f"--- {title} (pid {os.getpid()})", flush=True)
+
+
 def worker_main(
     conn: Connection,
     point: Point,
@@ -152,14 +166,7 @@ def worker_main(
     point may use."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is initialised in this process
-    if log is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        print(f"--- {point.describe()} (pid {os.getpid()})", flush=True)
+    redirect_output(log, point.describe())
     result = run_point(point, settings, plugins)
     conn.send(result)
     conn.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from effattn.xl import (
+from effattn.backends.xl.relative import (
     RelativePosition,
     descending_distances,
     prefix_attention,

@@ -13,17 +13,16 @@ keys, never O(N^2).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from effattn.backend import Pattern
-from effattn.patterns import Predicate, dense_mask
+from effattn.ops import cached
+from effattn.patterns import Predicate
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -102,34 +101,8 @@ def _gather_rows(positions: Tensor, batch: int, heads: int, kv_len: int) -> Tens
     return (base * kv_len + idx).flatten()  # (B, H, m, nb) -> (B*H*m*nb,)
 
 
-T = TypeVar("T")
-
-_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
-CACHE_SIZE = 16  # patterns kept: the masks and key lists of the last few (options, shapes)
-
-
 CHUNK_PAIRS = 2**20  # (query, key) pairs of a mask evaluated at once (bounds temporaries)
 GATHER_CHUNK_BYTES = 2**23  # gathered keys per fused call (8 MiB; see gathered_attention)
-
-
-def cached(key: Hashable | None, build: Callable[[], T]) -> T:
-    """``build()``, memoised under ``key`` (None: not cached). Patterns are fixed per
-    (backend options, Nq, Nk, ...), so their masks, key lists, BlockMasks and XL's relative
-    parameters are built once; a cached value is never modified in place."""
-    if key is None:
-        return build()
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    value = _CACHE[key] = build()
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
-
-
-def clear_cache() -> None:
-    """Forget every cached mask and key list (for memory measurements of a first call)."""
-    _CACHE.clear()
 
 
 def _bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -391,22 +364,3 @@ def banded_attention(
         dense = rows_attention(q[:, :, :rows], k, v, row_bias, scale)  # (B, H, R, D)
         out = torch.cat([dense, out[:, :, rows:]], dim=2)  # (B, H, R + Nq - R, D)
     return out
-
-
-def predicate_pattern(
-    predicate: Callable[..., Predicate],
-    q: Tensor,
-    k: Tensor,
-    causal: bool,
-    key_padding_mask: Tensor | None,
-) -> Pattern:
-    """The dense Pattern of ``predicate(Nq, Nk, causal=causal)`` with key padding (tests and
-    pictures only). q: (B, H, Nq, D), k: (B, H, Nk, D); mask (B or 1, H or 1, Nq, Nk)."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    pred = predicate(q_len, kv_len, causal=causal)
-    mask = dense_mask(pred, q_len, kv_len, q.device)  # (Nq, Nk), or (H, Nq, Nk) with a head dim
-    mask = mask if mask.dim() == 3 else mask[None]  # (Nq, Nk) -> (1, Nq, Nk)
-    mask = mask[None]  # (H or 1, Nq, Nk) -> (1, H or 1, Nq, Nk)
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
-    return Pattern(mask=mask)

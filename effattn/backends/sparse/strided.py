@@ -15,7 +15,8 @@ keys: O(N*sqrt(N)) in all. ``window=1, stride=3``, N = 6, bidirectional and caus
     q5     . . 1 . 1 1        q5     . . 1 . 1 1
 
 Each query block scores its band span and the summary keys outside that span (gathered once
-per block, each pair counted once) in one batched fused-attention call (effattn.blocksparse).
+per block, each pair counted once) in one batched fused-attention call
+(effattn.backends.sparse.blocked).
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ import torch
 from torch import Tensor
 
 from effattn.backend import Backend
-from effattn.blocksparse import banded_attention, num_blocks
+from effattn.backends.sparse.blocked import banded_attention, num_blocks
+from effattn.backends.sparse.dispatch import (
+    Impl,
+    SparseImplMixin,
+    triton_sparse_attention,
+    uses_triton,
+)
 from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, or_, sliding_window, strided
 from effattn.patterns import causal as causal_pattern
 from effattn.registry import register_backend
-from effattn.sparse_dispatch import Impl, SparseImplMixin, triton_sparse_attention, uses_triton
 
 MIN_BLOCK = 128  # smallest query block; it grows as 2 * stride so that memory stays O(N)
 

@@ -1,10 +1,10 @@
 """`lsh`: the Reformer's locality-sensitive-hashing attention (Kitaev et al. 2020), plain PyTorch.
 
-Per hash round: hash queries and keys with angular LSH (effattn.lsh_hashing), sort by (bucket,
-position), cut into chunks of at most ``bucket_size``; each query chunk attends to its own key
-chunk and the previous one (sorted order), with causality and key padding applied by original
-position. Rounds are combined with their log-sum-exp weights, i.e. one softmax over everything
-the query met::
+Per hash round: hash queries and keys with angular LSH (effattn.backends.lsh.hashing), sort by
+(bucket, position), cut into chunks of at most ``bucket_size``; each query chunk attends to its
+own key chunk and the previous one (sorted order), with causality and key padding applied by
+original position. Rounds are combined with their log-sum-exp weights, i.e. one softmax over
+everything the query met::
 
     out_i = sum_r sum_{j in W_r(i)} exp(s_ij - log c_ij) v_j / sum_r sum_{j in W_r(i)} exp(...)
 
@@ -19,8 +19,8 @@ queries (``k`` is not used) and a token's score with itself gets ``SELF_ATTENTIO
 added (the Reformer's value), so it attends to itself only when it has no other target;
 ``pattern().bias`` holds that diagonal and ``pattern().key`` the normalised queries.
 
-Rotations are drawn from ``seed`` on every call (effattn.lsh_hashing.random_rotations): a call
-is reproducible and the buckets do not change between calls; pass another seed to redraw.
+Rotations are drawn from ``seed`` on every call (effattn.backends.lsh.hashing.random_rotations):
+a call is reproducible and the buckets do not change between calls; pass another seed to redraw.
 Rounds run one after another, so the forward pass holds one round's (B*H, N, 2*chunk) scores at
 a time; with autograd each round's scores are saved: memory O(n_hashes * N * chunk).
 """
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from effattn._validate import validate_key_padding_mask, validate_qkv
 from effattn.backend import Backend, Pattern
-from effattn.lsh_hashing import (
+from effattn.backends.lsh.hashing import (
     ChunkLayout,
     chunk_count,
     chunk_layout,

@@ -15,9 +15,9 @@ N = 5, bidirectional and causal::
 Queries run in blocks of ``block_size`` (32 by default, 128 under autograd); each block scores
 the contiguous span of keys its queries need (b + 2w keys, b + w causal) as an overlapping
 strided view of k and v (padded by the window at the two ends: one copy), masked at the band's
-edges, in one batched call of torch's fused attention (effattn.blocksparse). With global tokens
-each block's keys are its span plus the global keys (gathered: a copy) and the global rows are
-computed densely, O(g * Nk). Masks are built once per (options, Nq, Nk) and cached.
+edges, in one batched call of torch's fused attention (effattn.backends.sparse.blocked). With
+global tokens each block's keys are its span plus the global keys (gathered: a copy) and the
+global rows are computed densely, O(g * Nk). Masks are built once per (options, Nq, Nk) and cached.
 """
 
 from __future__ import annotations
@@ -28,12 +28,17 @@ import torch
 from torch import Tensor
 
 from effattn.backend import Backend
-from effattn.blocksparse import banded_attention, num_blocks
+from effattn.backends.sparse.blocked import banded_attention, num_blocks
+from effattn.backends.sparse.dispatch import (
+    Impl,
+    SparseImplMixin,
+    triton_sparse_attention,
+    uses_triton,
+)
 from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, blocked, global_tokens, or_, sliding_window
 from effattn.patterns import causal as causal_pattern
 from effattn.registry import register_backend
-from effattn.sparse_dispatch import Impl, SparseImplMixin, triton_sparse_attention, uses_triton
 
 # Query block when block_size is None. Without autograd 32 was the fastest of 16/32/64/128 at
 # w=256 on the 2-core CPU; with autograd the gradient of each block's span (b + 2w keys) is

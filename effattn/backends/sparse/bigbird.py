@@ -29,21 +29,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from effattn.backend import Backend, Pattern
-from effattn.blocksparse import (
+from effattn.backend import Backend, Pattern, predicate_pattern
+from effattn.backends.sparse.blocked import (
     block_bias,
-    cached,
     gathered_attention,
     num_blocks,
-    predicate_pattern,
     query_blocks,
     rows_attention,
     rows_bias,
 )
-from effattn.ops import attention_flops
+from effattn.backends.sparse.dispatch import (
+    Impl,
+    SparseImplMixin,
+    triton_sparse_attention,
+    uses_triton,
+)
+from effattn.ops import attention_flops, cached
 from effattn.patterns import Predicate, block_table
 from effattn.registry import register_backend
-from effattn.sparse_dispatch import Impl, SparseImplMixin, triton_sparse_attention, uses_triton
 
 
 @register_backend("bigbird")

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from effattn.backend import Pattern
-from effattn.blocksparse import cached, predicate_pattern
+from effattn.backend import Pattern, predicate_pattern
+from effattn.ops import cached
 from effattn.patterns import Predicate
 
 Impl = Literal["auto", "torch", "triton"]

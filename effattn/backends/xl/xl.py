@@ -2,14 +2,16 @@
 
 The N keys form segments of ``segment_len``; a query in segment s attends causally over the
 ``mem_len`` positions before its segment (the memory) and its segment so far, so the cost is
-O(N * (segment_len + mem_len)) (see :func:`effattn.xl.segment_pattern` for the picture).
+O(N * (segment_len + mem_len)) (see :func:`effattn.backends.xl.relative.segment_pattern` for the
+picture).
 
 What "memory" means here: the previous positions' k and v, taken from the inputs and *not*
 detached, so gradients reach them like any other input (the layer-level detach of the paper lives
 in :class:`effattn.nn.TransformerXLAttention`, whose memory is the cached hidden states).
 
 The relative-position term has no learned weights in a backend; it uses a fixed parameterisation
-drawn from ``seed`` (:func:`effattn.xl.fixed_relative_position`), and ``relative`` picks the terms:
+drawn from ``seed`` (:func:`effattn.backends.xl.relative.fixed_relative_position`), and
+``relative`` picks the terms:
 
 * ``"bias"`` (default): terms (a) + (d), ``scale * (q_i . k_j + v . r_{i-j})``: a distance bias
   that depends on neither q nor k, so ``pattern().bias`` reproduces output *and* gradients.
@@ -28,12 +30,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from effattn.backend import Backend, Pattern
-from effattn.blocksparse import cached, predicate_pattern
-from effattn.ops import attention_flops
-from effattn.patterns import Predicate
-from effattn.registry import register_backend
-from effattn.xl import (
+from effattn.backend import Backend, Pattern, predicate_pattern
+from effattn.backends.xl.relative import (
     RelativePosition,
     dense_relative_bias,
     fixed_relative_position,
@@ -41,6 +39,9 @@ from effattn.xl import (
     segment_distances,
     segment_pattern,
 )
+from effattn.ops import attention_flops, cached
+from effattn.patterns import Predicate
+from effattn.registry import register_backend
 
 
 @register_backend("xl")
@@ -70,7 +71,7 @@ class TransformerXLAttention(Backend):
 
     def _relative(self, q: Tensor) -> RelativePosition | None:
         """The fixed parameters for inputs like q (B, H, N, D): drawn once per (options, H, D,
-        dtype, device) and cached (see :func:`effattn.blocksparse.cached`), not on every call."""
+        dtype, device) and cached (see :func:`effattn.ops.cached`), not on every call."""
         if self.relative == "none":
             return None
         heads, dim = q.shape[1], q.shape[3]
@@ -130,7 +131,8 @@ class TransformerXLAttention(Backend):
         return dataclasses.replace(pattern, bias=bias)
 
     def predicate(self, q_len: int, kv_len: int, *, causal: bool = True) -> Predicate:
-        """The pattern as a predicate (:func:`effattn.xl.segment_pattern`; always causal)."""
+        """The pattern as a predicate (:func:`~effattn.backends.xl.relative.segment_pattern`;
+        always causal)."""
         return segment_pattern(self.segment_len, self.mem_len, q_len, kv_len)
 
     def flops(

@@ -1,0 +1,3 @@
+"""Kernelized attention (Tay class KR): softmax replaced by a feature map, so attention is
+computed as phi(Q) (phi(K)^T V) in time linear in N: `performer` (FAVOR+) and `linear`
+(elu + 1), with their feature maps. Not to be confused with effattn.kernels (Triton)."""

@@ -1,0 +1,1 @@
+"""What each backend changes in a real pretrained model on real text (`effattn fidelity`)."""
