@@ -21,6 +21,8 @@ window); effattn keeps rounds apart.
     .venv/bin/python -m benchmarks.bench_lsh                       # N = 4096, 4 and 8 hashes
     .venv/bin/python -m benchmarks.bench_lsh --n 1024 --repeats 2 --long-n 4096
     .venv/bin/python -m benchmarks.bench_lsh --backward    # also forward+backward (4 hashes)
+    .venv/bin/python -m benchmarks.bench_lsh --vs-sdpa     # fraction of SDPA's GFLOP/s only:
+        # lsh (defaults, separate q and k), N = 1K, 2K, 4K, fwd, fwd_bwd -> reports/lsh/vs_sdpa.md
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import effattn
+from benchmarks import vs_sdpa
 from effattn.backends.lsh.lsh import SELF_ATTENTION_BIAS
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
@@ -242,9 +246,21 @@ def main() -> None:
     parser.add_argument(
         "--backward", action="store_true", help="also forward+backward vs reformer-pytorch"
     )
+    parser.add_argument(
+        "--vs-sdpa",
+        action="store_true",
+        help="only the GFLOP/s fraction of dense SDPA (benchmarks.vs_sdpa) at --vs-sdpa-ns",
+    )
+    parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.vs_sdpa:
+        ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
+        rows = vs_sdpa.vs_sdpa(("lsh",), ns, repeats=args.repeats, threads=args.threads)
+        command = "python -m benchmarks.bench_lsh " + " ".join(sys.argv[1:])
+        print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command))
+        return
 
     rows = [
         row

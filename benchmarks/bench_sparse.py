@@ -20,6 +20,8 @@ N = 2K..32K, and peak(16K) / peak(4K) (target <= 4.5).
     .venv/bin/python -m benchmarks.bench_sparse --repeats 2 --no-peers --mem-ns 2048,4096
     .venv/bin/python -m benchmarks.bench_sparse --only "local bidirectional forward" \
         --repeats 7 --mem-ns 4096,16384 --out reports/sparse/local_forward
+    .venv/bin/python -m benchmarks.bench_sparse --vs-sdpa   # fraction of SDPA's GFLOP/s only:
+        # bigbird, local, strided at N = 1K, 2K, 4K, fwd and fwd_bwd -> reports/sparse/vs_sdpa.md
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 import effattn
+from benchmarks import vs_sdpa
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
 from effattn.ops import clear_cache
@@ -316,9 +319,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", default="reports/sparse")
     parser.add_argument("--only", default="", help="time only the cases containing this text")
+    parser.add_argument(
+        "--vs-sdpa",
+        action="store_true",
+        help="only the GFLOP/s fraction of dense SDPA (benchmarks.vs_sdpa) at --vs-sdpa-ns",
+    )
+    parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
+    if args.vs_sdpa:
+        ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
+        rows = vs_sdpa.vs_sdpa(
+            ("bigbird", "local", "strided"), ns, repeats=args.repeats, threads=args.threads
+        )
+        command = "python -m benchmarks.bench_sparse " + " ".join(args.argv)
+        print(vs_sdpa.write(rows, Path(args.out) / "vs_sdpa.md", command))
+        return
     align = alignment_check(1024) if not args.no_peers else {}
     timings = run_timings(
         args.n, args.repeats, args.threads, not args.no_peers, args.min_run_s, args.only

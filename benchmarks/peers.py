@@ -5,7 +5,8 @@ process, identical inputs, one ratio table (time, peak memory, output agreement)
     .venv/bin/python -m benchmarks.peers --n 2048 --repeats 5 --only local,lsh --out /tmp/peers
 
 Comparisons (``--only`` takes these keys; ``full`` and ``sdpa`` select ``dense``), all forward,
-bidirectional, under ``torch.no_grad()``, fp32, (B, H, N, D) = (1, 8, N, 64):
+bidirectional unless the key says causal, under ``torch.no_grad()``, fp32,
+(B, H, N, D) = (1, 8, N, 64):
 
   dense    effattn `full` and `sdpa`  vs  torch SDPA, compiled flex_attention (no mask)
   local    effattn `local` w=256      vs  compiled flex_attention with a sliding-window BlockMask,
@@ -14,10 +15,24 @@ bidirectional, under ``torch.no_grad()``, fp32, (B, H, N, D) = (1, 8, N, 64):
   lsh      effattn `lsh` b=64         vs  reformer-pytorch 1.4.4 LSHAttention, HF LSHSelfAttention
   xl       effattn.nn.TransformerXLAttention vs HF 4.57 RelPartialLearnableMultiHeadAttn
            (same weights; qlen N/2 + memory N/2, d_model 512, residual + LayerNorm on both)
+  performer, performer_causal
+           effattn `performer` m=256  vs  performer-pytorch 1.1.4 FastAttention (our features)
+  linear, linear_causal
+           effattn `linear`           vs  linear-attention-transformer 0.19.1 linear_attn,
+                                          causal_linear_attn
+  linformer  effattn `linformer` k=256, alone and as a layer with the peer's projections
+           vs linformer 0.2.3 LinformerSelfAttention (our E, F in its proj_k, proj_v)
+  nystrom  effattn `nystrom` m=256, alone and as a layer with the peer's projections
+           vs nystrom-attention 0.0.14 NystromAttention (6 iterations, residual conv off)
 
-The peer wrappers live in benchmarks/bench_sparse.py, bench_lsh.py and bench_xl.py (conventions
-aligned there); this module only arranges them. q, k, v are drawn as bench_sparse draws them
-(seed 0), so its wrappers and ours see the same tensors.
+The four kernel / low-rank peers are attention on q, k, v (performer, linear) or layers with
+their own q/k/v/out projections (linformer, nystrom): ours is timed alone against both, and as
+the same layer (the peer's projection modules around our backend) against the layers, so each
+row says what its ratio compares. Causal comparisons run ours causal too.
+
+The peer wrappers live in benchmarks/bench_sparse.py, bench_lsh.py, bench_xl.py and
+kernel_lowrank_peers.py (conventions aligned there); this module only arranges them. q, k, v
+are drawn as bench_sparse draws them (seed 0), so its wrappers and ours see the same tensors.
 
 Time: every candidate of a comparison once per repeat, interleaved (effattn.bench.interleave,
 meters.time_cpu, threads pinned); a candidate's time is the median over repeats
@@ -51,7 +66,16 @@ from effattn.bench.meters import MIB, peak_memory_cpu
 
 B, H, D = 1, 8, 64
 WINDOW = 256  # the local window (inclusive offset), as benchmarks/bench_sparse.py
-PEER_PACKAGES = ("torch", "transformers", "local-attention", "reformer-pytorch")
+PEER_PACKAGES = (
+    "torch",
+    "transformers",
+    "local-attention",
+    "reformer-pytorch",
+    "performer-pytorch",
+    "linear-attention-transformer",
+    "linformer",
+    "nystrom-attention",
+)
 ALIASES = {"full": "dense", "sdpa": "dense"}
 
 Call = Callable[[], Tensor]  # one forward on inputs fixed at build time
@@ -70,8 +94,10 @@ class Peer:
     name: str  # the public implementation, as users know it
     build: Builder  # raises ImportError when the peer is not installed (-> a skipped row)
     compare_outputs: bool = True  # agreement from the timed calls' outputs (same semantics)
-    agreement_check: Callable[[], Agreement] | None = None  # a separate check instead
+    agreement_check: Callable[[int], Agreement] | None = None  # a separate check, given N
     agreement_note: str = ""  # how agreement is measured, or why there is none
+    only_for: tuple[str, ...] | None = None  # our candidates the agreement concerns (None: all)
+    time_only_note: str = ""  # the note of the other candidates' rows (time and memory only)
 
 
 @dataclass(frozen=True)
@@ -126,13 +152,13 @@ def agreement(ours: Tensor, peer: Tensor, note: str) -> Agreement:
 
 
 # -- the candidates ------------------------------------------------------------------------------
-def ours_backend(name: str, **options: object) -> Builder:
+def ours_backend(name: str, *, causal: bool = False, **options: object) -> Builder:
     """Our backend ``name`` on the shared q, k, v: (B, H, N, D) -> (B, H, N, D)."""
 
     def build(n: int) -> Call:
         backend = effattn.get_backend(name, **options)
         q, k, v = inputs(n)
-        return lambda: backend(q, k, v)
+        return lambda: backend(q, k, v, causal=causal)
 
     return build
 
@@ -187,11 +213,12 @@ def lsh_builders(bucket_size: int, n_hashes: int) -> dict[str, Builder]:
     }
 
 
-def lsh_agreement(peer: str, bucket_size: int) -> Callable[[], Agreement]:
-    """Ours vs a peer with one hash round at N = 2 * bucket_size, where every pair is met once
-    whatever the rotations, ours at the peer's scale (reformer-pytorch 1/sqrt(D), HF 1)."""
+def lsh_agreement(peer: str, bucket_size: int) -> Callable[[int], Agreement]:
+    """Ours vs a peer with one hash round at N = 2 * bucket_size (whatever the timed N), where
+    every pair is met once whatever the rotations, ours at the peer's scale (reformer-pytorch
+    1/sqrt(D), HF 1)."""
 
-    def check() -> Agreement:
+    def check(timed_n: int) -> Agreement:
         from benchmarks import bench_lsh
 
         n = 2 * bucket_size
@@ -218,6 +245,130 @@ def xl_layer(which: str) -> Builder:
         return bench_xl.layer_calls(n // 2, n - n // 2)[which]
 
     return build
+
+
+def performer_agreement(causal: bool) -> Callable[[int], Agreement]:
+    """Ours against performer-pytorch's own functions with our features, its eps set to 0."""
+
+    def check(n: int) -> Agreement:
+        from benchmarks import kernel_lowrank_peers as klp
+
+        with torch.no_grad():
+            theirs = klp.performer_exact_peer(n, causal)
+            ours = ours_backend("performer", causal=causal)(n)()
+        return agreement(ours, theirs, f"N={n}, same features, their eps offsets 0")
+
+    return check
+
+
+def linear_agreement(n: int) -> Agreement:
+    """Our normalised product with linear_attn's features injected, against linear_attn."""
+    from linear_attention_transformer.linear_attention_transformer import linear_attn
+
+    from benchmarks import kernel_lowrank_peers as klp
+
+    q, k, v = inputs(n)
+    with torch.no_grad():
+        return agreement(
+            klp.linear_product_with_peer_features(n),
+            linear_attn(q, k, v),
+            f"N={n}, our product with their features",
+        )
+
+
+def nystrom_agreement(n: int) -> Agreement:
+    """Our layer against NystromAttention with one head (it normalises its pseudo-inverse over
+    all heads and the batch; ours per head and sequence)."""
+    from benchmarks import kernel_lowrank_peers as klp
+
+    ours, peer, x = klp.nystrom_layers(n, heads=1)
+    with torch.no_grad():
+        return agreement(ours(x), peer(x), f"N={n}, 1 head, same weights")
+
+
+def _kernel_lowrank() -> dict[str, Comparison]:
+    """performer, performer_causal, linear, linear_causal, linformer, nystrom."""
+    from benchmarks import kernel_lowrank_peers as klp
+
+    found: dict[str, Comparison] = {}
+    for causal in (False, True):
+        tag = "_causal" if causal else ""
+        mode = " causal" if causal else ""
+        found["performer" + tag] = Comparison(
+            "performer" + tag,
+            {f"effattn performer m={klp.FEATURES}{mode}": ours_backend("performer", causal=causal)},
+            (
+                Peer(
+                    f"performer-pytorch FastAttention{mode} (our features)",
+                    klp.performer_peer(causal),
+                    agreement_check=performer_agreement(causal),
+                    agreement_note="attention only on both sides; agreement with their own "
+                    "feature and product functions, their eps = 1e-4 feature offset set to 0",
+                ),
+            ),
+        )
+        found["linear" + tag] = Comparison(
+            "linear" + tag,
+            {f"effattn linear{mode}": ours_backend("linear", causal=causal)},
+            (
+                Peer(
+                    f"linear-attention-transformer {'causal_' if causal else ''}linear_attn",
+                    klp.linear_peer(causal),
+                    compare_outputs=False,
+                    agreement_check=None if causal else linear_agreement,
+                    agreement_note=(
+                        "n/a: different feature maps (theirs exp(k), softmax(q)) and their "
+                        "queries skip their own 64-position bucket"
+                        if causal
+                        else "attention only on both sides; agreement: our product with their "
+                        "features (softmax over D of q, over N of k), theirs elu+1 differs"
+                    ),
+                ),
+            ),
+        )
+    alone = "time only: ours is attention alone, the peer's layer includes its q/k/v/out "
+    found["linformer"] = Comparison(
+        "linformer",
+        {
+            f"effattn linformer k={klp.RANK}": ours_backend("linformer", rank=klp.RANK),
+            f"effattn linformer k={klp.RANK} layer": klp.layer_builder(
+                "ours", klp.linformer_layers
+            ),
+        },
+        (
+            Peer(
+                f"linformer LinformerSelfAttention k={klp.RANK} (layer)",
+                klp.layer_builder("peer", klp.linformer_layers),
+                agreement_note="layer vs layer: the same weights, our E and F as its "
+                "proj_k and proj_v; outputs compared",
+                only_for=(f"effattn linformer k={klp.RANK} layer",),
+                time_only_note=alone + "projections (512 x 512)",
+            ),
+        ),
+    )
+    found["nystrom"] = Comparison(
+        "nystrom",
+        {
+            f"effattn nystrom m={klp.LANDMARKS}": ours_backend("nystrom", landmarks=klp.LANDMARKS),
+            f"effattn nystrom m={klp.LANDMARKS} layer": klp.layer_builder(
+                "ours", klp.nystrom_layers
+            ),
+        },
+        (
+            Peer(
+                f"nystrom-attention NystromAttention m={klp.LANDMARKS} (layer, no residual conv)",
+                klp.layer_builder("peer", klp.nystrom_layers),
+                compare_outputs=False,
+                agreement_check=nystrom_agreement,
+                agreement_note="layer vs layer, same weights; agreement with 1 head (the "
+                "peer normalises its pseudo-inverse over all heads and the batch) and N a "
+                "multiple of m (it pads N with zeros that count in its landmark means)",
+                only_for=(f"effattn nystrom m={klp.LANDMARKS} layer",),
+                time_only_note=alone + "projections (512 x 1536, 512 x 512)",
+            ),
+        ),
+    )
+    return found
 
 
 def comparisons(bucket_size: int = 64, n_hashes: int = 4) -> dict[str, Comparison]:
@@ -296,6 +447,7 @@ def comparisons(bucket_size: int = 64, n_hashes: int = 4) -> dict[str, Compariso
                 ),
             ),
         ),
+        **_kernel_lowrank(),
     }
 
 
@@ -343,9 +495,11 @@ def _row(key, ours, peer: Peer, n, threads, timed: Interleaved, peaks, outputs, 
     ok = status == "ok"
     found: Agreement | None = None
     note = peer.agreement_note
-    if ok and peer.agreement_check is not None:
+    if peer.only_for is not None and ours not in peer.only_for:
+        note = peer.time_only_note  # another candidate of ours: time and memory only
+    elif ok and peer.agreement_check is not None:
         try:
-            found = peer.agreement_check()
+            found = peer.agreement_check(n)
         except Exception as e:
             note = f"agreement check failed: {type(e).__name__}: {e}"
     elif ok and peer.compare_outputs:
@@ -433,7 +587,7 @@ def environment(threads: int) -> dict[str, object]:
         "threads": threads,
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
-        "shape": f"B={B}, H={H}, N=n, D={D}, float32, forward, bidirectional, no_grad",
+        "shape": f"B={B}, H={H}, N=n, D={D}, float32, forward, no_grad",
     }
 
 
@@ -452,9 +606,11 @@ def write_report(out: Path, rows: list[Row], meta: dict[str, object]) -> None:
         f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end; "
         f"{meta['wall_s']:.0f} s in all.",
         "",
-        "Shape (B, H, N, D) = (1, 8, N, 64), fp32, forward, bidirectional, under no_grad "
-        "(xl: qlen N/2 + memory N/2, d_model 512). Time: median over repeats of each repeat's "
-        "median (torch.utils.benchmark); noise in brackets: the median IQR / median of one "
+        "Shape (B, H, N, D) = (1, 8, N, 64), fp32, forward, bidirectional (causal where the "
+        "key says so), under no_grad (xl: qlen N/2 + memory N/2, d_model 512; linformer and "
+        "nystrom layers: x (1, N, 512) with the peer's q/k/v/out projections). "
+        "Time: median over repeats of each repeat's median (torch.utils.benchmark); noise in "
+        "brackets: the median IQR / median of one "
         "timing, and the spread (max - min) / median of the repeats' medians (load changes). "
         "`time ours/peer` is the median of the per-repeat ratios; < 1 means ours is faster. "
         "Peak MiB: memory of one call above its inputs (profiler memory events, MiB = 2**20). "
@@ -485,7 +641,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--n", type=int, default=4096, help="sequence length")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (pinned)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
-    parser.add_argument("--only", default="", help="comma-separated: dense,local,bigbird,lsh,xl")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated: dense,local,bigbird,lsh,xl,performer,performer_causal,linear,"
+        "linear_causal,linformer,nystrom",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports/peers"))
     parser.add_argument("--min-run-s", type=float, default=0.5, help="per timing, seconds")
     parser.add_argument("--bucket-size", type=int, default=64, help="lsh bucket (chunk) size")

@@ -28,6 +28,15 @@ _DTYPE_NAMES = {
 }
 
 
+# What a refused call says, per support flag (closed by the backend's why_unsupported, if any).
+_REFUSALS = {
+    "causal": "causal=True (this backend is bidirectional only",
+    "bidirectional": "causal=False (this backend is causal only",
+    "padding_mask": "key_padding_mask (not supported by this backend",
+    "backward": "backward (this backend is forward-only",
+}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -97,6 +106,13 @@ class Backend:
         torch.float32,
         torch.float64,
     )
+    # Why a call the flags above refuse cannot be supported, in a user's words, keyed by
+    # "causal", "bidirectional", "padding_mask", "backward"; shown by not_supported_reasons.
+    why_unsupported: ClassVar[dict[str, str]] = {}
+    # True if the backend attends over a subset of (query, key) pairs that pattern() shows;
+    # False for low-rank and kernel backends (pattern() raises; attention_matrix() is their
+    # picture and reference() their dense formula).
+    has_pattern: ClassVar[bool] = True
     complexity: ClassVar[str] = "O(N^2)"  # time, as in Tay et al.'s survey table
     memory_complexity: ClassVar[str] = "O(N^2)"  # extra memory beyond q, k, v and the output
     tay_class: ClassVar[str] = "-"  # FP, LP, LR, KR, M, RC, DS (Tay et al.); "-" for exact dense
@@ -119,24 +135,45 @@ class Backend:
         causal: the last query is aligned with the last key (see effattn.patterns.causal).
         scale: the softmax scale, 1/sqrt(D) when None.
         """
+        resolved = self._checked(q, k, v, causal, key_padding_mask, scale)
+        return self.forward(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=resolved
+        )
+
+    def _checked(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        scale: float | None,
+        *,
+        dense: bool = False,
+    ) -> float:
+        """Check a call's inputs and this backend's support for it; the resolved scale.
+        ``dense``: for reference() and attention_matrix(), which run on any device and dtype."""
         validate_qkv(q, k, v)
         validate_flag("causal", causal)
         validate_key_padding_mask(key_padding_mask, q, k)
         resolved = resolve_scale(scale, q.shape[-1])
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        reasons = self.not_supported_reasons(
-            device=q.device.type,
-            dtype=q.dtype,
-            causal=causal,
-            padding_mask=key_padding_mask is not None,
-            backward=needs_grad,
-            head_dim=q.shape[-1],
-        )
+        if dense:  # a dense formula runs on any device and dtype
+            reasons = self._mode_reasons(
+                causal=causal, padding_mask=key_padding_mask is not None, backward=False
+            )
+        else:
+            backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            reasons = self.not_supported_reasons(
+                device=q.device.type,
+                dtype=q.dtype,
+                causal=causal,
+                padding_mask=key_padding_mask is not None,
+                backward=backward,
+                head_dim=q.shape[-1],
+            )
         if reasons:
             raise ValueError(f"backend {self.name!r} cannot run this call: " + "; ".join(reasons))
-        return self.forward(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=resolved
-        )
+        return resolved
 
     def forward(
         self,
@@ -169,14 +206,23 @@ class Backend:
         if dtype not in self.dtypes:
             names = ", ".join(dtype_name(d) for d in self.dtypes)
             reasons.append(f"dtype={dtype_name(dtype)} (supported: {names})")
-        if causal and not self.supports_causal:
-            reasons.append("causal=True (this backend is bidirectional only)")
-        if not causal and not self.supports_bidirectional:
-            reasons.append("causal=False (this backend is causal only)")
-        if padding_mask and not self.supports_padding_mask:
-            reasons.append("key_padding_mask (not supported by this backend)")
-        if backward and not self.supports_backward:
-            reasons.append("backward (this backend is forward-only)")
+        return reasons + self._mode_reasons(
+            causal=causal, padding_mask=padding_mask, backward=backward
+        )
+
+    def _mode_reasons(self, *, causal: bool, padding_mask: bool, backward: bool) -> list[str]:
+        """The refusals of the support flags, each with the backend's why_unsupported text."""
+        refused = {
+            "causal": causal and not self.supports_causal,
+            "bidirectional": not causal and not self.supports_bidirectional,
+            "padding_mask": padding_mask and not self.supports_padding_mask,
+            "backward": backward and not self.supports_backward,
+        }
+        reasons = []
+        for key, text in _REFUSALS.items():
+            if refused[key]:
+                why = self.why_unsupported.get(key)
+                reasons.append(f"{text}: {why})" if why else f"{text})")
         return reasons
 
     def flops(
@@ -203,7 +249,13 @@ class Backend:
         key_padding_mask: Tensor | None = None,
     ) -> Pattern:
         """The pairs this backend attends over for these inputs (dense: for tests and pictures).
-        The default is the dense pattern: every pair allowed by causality and key padding."""
+        The default is the dense pattern: every pair allowed by causality and key padding.
+        Backends without a pattern (``has_pattern = False``) raise NotImplementedError."""
+        if not self.has_pattern:
+            raise NotImplementedError(
+                f"backend {self.name!r} does not attend over a subset of pairs: it has no "
+                "pattern(); its dense form is attention_matrix()"
+            )
         validate_qkv(q, k, v)
         validate_key_padding_mask(key_padding_mask, q, k)
         batch, _, q_len, _ = q.shape
@@ -214,6 +266,60 @@ class Backend:
         if keep is None:
             keep = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=q.device)
         return Pattern(mask=keep.expand(keep.shape[0], 1, q_len, kv_len))
+
+    # -- the dense reference ------------------------------------------------------------------
+    def attention_matrix(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        """The dense matrix A (B, H, Nq, Nk), float64, with which this backend's output is
+        ``A @ v``: its effective attention weights (tests, pictures and attention weights only;
+        O(N^2) memory). Differentiable in q and k.
+
+        The default is softmax attention restricted to :meth:`pattern` (probabilities; rows
+        that keep no key are zero). Low-rank and kernel backends override it with their dense
+        formula, built from the same random features, projections or landmarks as the fast
+        path; their A need not be a probability matrix (Linformer's and Nystrom's have negative
+        entries). q: (B, H, Nq, D), k, v: (B, H, Nk, D).
+        """
+        from effattn.reference import pattern_probabilities  # reference imports this module
+
+        resolved = self._checked(q, k, v, causal, key_padding_mask, scale, dense=True)
+        q64, k64 = q.double(), k.double()
+        with torch.no_grad():  # the pattern of the inputs as given (LSH hashes them)
+            pattern = self.pattern(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        fields = {
+            f.name: None if getattr(pattern, f.name) is None else getattr(pattern, f.name).double()
+            for f in dataclasses.fields(Pattern)
+            if f.name != "mask"
+        }
+        pattern = dataclasses.replace(pattern, **fields)
+        return pattern_probabilities(q64, k64, pattern, resolved)
+
+    def reference(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Dense float64 computation of exactly what :meth:`forward` computes: (B, H, Nq, D),
+        ``attention_matrix(...) @ v``, differentiable in q, k and v. The fast path must equal
+        it (tests/test_contract.py); every backend's output is linear in v through the matrix
+        A of :meth:`attention_matrix`. q: (B, H, Nq, D), k, v: (B, H, Nk, D)."""
+        weights = self.attention_matrix(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale
+        )
+        return weights @ v.double()  # (B, H, Nq, Nk) @ (B, H, Nk, D) -> (B, H, Nq, D)
 
     # -- introspection ----------------------------------------------------------------------
     @classmethod

@@ -1,7 +1,11 @@
-"""The readable dense computation that every backend's output must equal (see ``Pattern``).
+"""The readable dense computation that pattern backends' outputs must equal (see ``Pattern``):
+softmax attention restricted to the pattern. It is the default of ``Backend.attention_matrix``
+and ``Backend.reference``; the low-rank and kernel backends, which have no pattern, override
+those with their own dense formula beside their fast path (effattn/backends/kernelized/,
+lowrank/), reusing :func:`masked_softmax`.
 
 Quadratic in memory on purpose: it is used for attention weights (``need_weights=True``), for
-the error of approximate backends, and for pictures, never on a fast path.
+the error of approximate backends, for tests and for pictures, never on a fast path.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import effattn
+from effattn.backends.lsh import hashing
+from effattn.backends.lsh import rounds as rounds_module
 from effattn.backends.lsh.lsh import SELF_ATTENTION_BIAS
+from effattn.backends.sparse import flash
 from tests.pattern_check import assert_matches_pattern
 from tests.reference import reference_attention
 
@@ -222,3 +225,38 @@ def test_error_falls_as_n_hashes_grows():
         errors.append(err / 3)
     assert errors == sorted(errors, reverse=True), errors
     assert errors[-1] < 0.5 * errors[0], errors
+
+
+# -- the pieces of the computation ------------------------------------------------------------
+def test_hash_buckets_are_the_argmax_of_both_signs():
+    """hashing.hash_buckets (all rounds in one matmul, in blocks) equals the definition,
+    argmax([x R_r ; -x R_r]) per round (the first maximum on ties: zero vectors), in any
+    block size."""
+    x = torch.randn(3, 50, 8, dtype=torch.float64)
+    x[0, :3] = 0.0
+    rot = hashing.random_rotations(4, 8, 6, seed=1, dtype=torch.float64, device="cpu")
+    rotated = torch.einsum("bnd,rdk->rbnk", x, rot)  # (n_hashes, BH, N, K)
+    want = torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+    for block in (1, 7, 2**20):
+        torch.testing.assert_close(hashing.hash_buckets(x, rot, block_elements=block), want)
+
+
+def test_key_windows_are_previous_then_own_chunk():
+    q, k, _ = _qkv(1, 2, 37, 45)
+    backend = effattn.get_backend("lsh", bucket_size=8, n_hashes=2)
+    _, _, lay, _ = backend._prepare(q, k)
+    own = lay.k_order.unflatten(-1, (lay.n_chunks, lay.k_chunk))  # (n_hashes, BH, nc, ck)
+    want = torch.cat([own.roll(1, dims=2), own], dim=-1)
+    assert torch.equal(lay.key_windows(), want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_plain_path_matches_pattern(monkeypatch, causal: bool):
+    """Off CPU the rounds run the plain-torch attention (flash.plain_attention): the same
+    contract, here forced on CPU, with padding slots, key padding and dedup."""
+    monkeypatch.setattr(rounds_module, "flash_attention", flash.plain_attention)
+    monkeypatch.setattr(rounds_module, "flash_attention_backward", flash.plain_attention_backward)
+    backend = effattn.get_backend("lsh", bucket_size=8, n_hashes=3, dedup=causal)
+    q, k, v = _qkv(2, 2, 37, 37)
+    keep = _lengths_mask([37, 20], 37)
+    assert_matches_pattern(backend, q, k, v, causal=causal, key_padding_mask=keep)

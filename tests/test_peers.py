@@ -88,8 +88,12 @@ def test_only_selects_and_rejects_unknown_keys():
     available = peers.comparisons()
     assert [c.key for c in peers.selected("sdpa,lsh", available)] == ["dense", "lsh"]
     assert len(peers.selected("", available)) == len(available)
+    assert [c.key for c in peers.selected("nystrom,performer_causal", available)] == [
+        "performer_causal",
+        "nystrom",
+    ]
     with pytest.raises(ValueError, match="expected some of"):
-        peers.selected("performer", available)
+        peers.selected("cosformer", available)
 
 
 def test_command_writes_the_table(tmp_path):
@@ -107,3 +111,48 @@ def test_command_writes_the_table(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["threads"] == 2 and "torch" in saved["meta"]["versions"]
     assert len(saved["rows"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "package"),
+    [
+        ("performer", "performer_pytorch"),
+        ("performer_causal", "performer_pytorch"),
+        ("linear", "linear_attention_transformer"),
+        ("linformer", "linformer"),
+        ("nystrom", "nystrom_attention"),
+    ],
+)
+def test_kernel_and_lowrank_peers_agree_with_the_same_features_or_weights(key, package):
+    """Our features, projections or the peer's weights injected: outputs agree to float32
+    rounding (performer: the peer's eps offsets at 0; nystrom: one head). The check the table
+    runs, without the timings."""
+    pytest.importorskip(package)
+    comparison = peers.comparisons()[key]
+    (peer,) = comparison.peers
+    n = 512 if key == "nystrom" else 64  # nystrom-attention pads N to a multiple of m = 256
+    if peer.agreement_check is not None:
+        found = peer.agreement_check(n)
+    else:
+        (ours,) = peer.only_for or tuple(comparison.ours)
+        with torch.no_grad():
+            found = peers.agreement(comparison.ours[ours](n)(), peer.build(n)(), "")
+    assert found.rel_err < 1e-5 and found.max_abs_diff < 1e-4, found
+
+
+def test_layer_peers_say_what_each_ratio_compares():
+    """linformer and nystrom peers are layers with projections: our backend alone is timed
+    beside them without agreement (the note says so), our layer with their modules agrees."""
+    pytest.importorskip("linformer")
+    (peer,) = peers.comparisons()["linformer"].peers
+    rows = peers.measure(peers.comparisons()["linformer"], 128, **FAST)
+    alone, layer = rows
+    assert alone.max_abs_diff is None and alone.agreement_note.startswith("time only")
+    assert "projections" in alone.agreement_note
+    assert layer.ours in peer.only_for and layer.rel_err < 1e-5
+
+
+def test_causal_linear_peer_explains_why_there_is_no_agreement():
+    (peer,) = peers.comparisons()["linear_causal"].peers
+    assert not peer.compare_outputs and peer.agreement_check is None
+    assert peer.agreement_note.startswith("n/a:") and "bucket" in peer.agreement_note

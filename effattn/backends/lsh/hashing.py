@@ -4,8 +4,8 @@ chunked layout in which each chunk of queries attends to its own and the previou
 Kitaev et al. 2020, section 2: with a random matrix R of shape (D, n_buckets/2), a vector x goes
 to bucket ``argmax([x R ; -x R])``; vectors at a small angle tend to share a bucket. Every hash
 round r has its own R_r. Positions are sorted by (bucket, position), and the sorted sequence is
-cut into ``n_chunks`` equal chunks. Rows are moved into and out of that order by permutations
-whose backward pass is the inverse permutation (:func:`permute_rows`).
+cut into ``n_chunks`` equal chunks. Rows are moved into that order by gathers (:func:`flat_rows`)
+and each chunk's key window [previous chunk, own chunk] is a strided view (:func:`windows`).
 """
 
 from __future__ import annotations
@@ -41,36 +41,49 @@ def random_rotations(
     return rot.to(dtype=dtype, device=device)
 
 
-def hash_buckets(x: Tensor, rotations: Tensor, *, block_elements: int = 2**22) -> Tensor:
+def hash_buckets(x: Tensor, rotations: Tensor, *, block_elements: int = 2**20) -> Tensor:
     """Bucket ids of x: (BH, N, D) under rotations (n_hashes, D, K) -> (n_hashes, BH, N) int64 in
-    [0, 2K): ``argmax([x R ; -x R])`` without building the concatenation.
+    [0, 2K): ``argmax([x R ; -x R])``, the first maximum on ties.
 
-    The rotated vectors (BH, N, K) grow as N * n_buckets, i.e. as N^2 / bucket_size; they are
-    made one round and one block of positions at a time, at most ``block_elements`` at once.
+    All rounds in one matmul, one block of positions at a time: the rotated vectors (n_hashes *
+    K per position) grow as N * n_buckets, i.e. as N^2 / bucket_size, so at most
+    ``block_elements`` of them exist at once. They are laid out (n_hashes, K, positions) so that
+    every step below runs along the contiguous positions; the argmax is taken without
+    index-tracking reductions (slow): the largest |x R_r|, then the first slot holding it (as
+    +x R_r, else as -x R_r).
     """
-    n_hashes, _, half = rotations.shape
+    n_hashes, dim, half = rotations.shape
     bh, length, _ = x.shape
-    step = max(1, block_elements // (bh * half))
-    buckets = torch.empty(n_hashes, bh, length, dtype=torch.int64, device=x.device)
-    for r in range(n_hashes):
-        for start in range(0, length, step):
-            rotated = x[:, start : start + step] @ rotations[r]  # (BH, n, D) @ (D, K) -> (BH, n, K)
-            hi, hi_idx = rotated.max(dim=-1)
-            lo, lo_idx = rotated.min(dim=-1)
-            buckets[r, :, start : start + step] = torch.where(hi >= -lo, hi_idx, lo_idx + half)
-    return buckets
+    flat = rotations.transpose(1, 2).reshape(n_hashes * half, dim)  # (n_hashes * K, D)
+    rows = x.reshape(bh * length, dim)  # (BH, N, D) -> (BH*N, D)
+    step = max(1, block_elements // flat.shape[0])
+    slots = torch.arange(half, dtype=x.dtype, device=x.device).view(1, half, 1)  # (1, K, 1)
+    slots = slots.expand(n_hashes, half, min(step, bh * length)).contiguous()  # (nh, K, n)
+    buckets = torch.empty(n_hashes, bh * length, dtype=torch.int64, device=x.device)
+    for start in range(0, bh * length, step):
+        block = rows[start : start + step]  # (n, D)
+        rotated = (flat @ block.T).view(n_hashes, half, -1)  # (nh, K, n)
+        hi = rotated.amax(1, keepdim=True)  # (nh, 1, n)
+        lo = rotated.amin(1, keepdim=True)
+        positive = hi >= -lo  # the maximum of [xR ; -xR] is in its first half
+        target = torch.where(positive, hi, lo)
+        width = block.shape[0]
+        first = torch.where(rotated == target, slots[..., :width], half).amin(1)  # (nh, n)
+        buckets[:, start : start + step] = first.long() + half * ~positive[:, 0]
+    return buckets.view(n_hashes, bh, length)
 
 
 def _sort_order(buckets: Tensor, padded_len: int, n_buckets: int) -> Tensor:
     """Positions sorted by (bucket, position): buckets (n_hashes, BH, N) -> (n_hashes, BH, L).
 
-    Positions N..L-1 are padding: they get bucket ``n_buckets`` and so sort to the end.
+    Positions N..L-1 are padding: they get bucket ``n_buckets`` and so sort to the end. A stable
+    sort of the bucket ids (int32: cheaper than sorting bucket * L + position) keeps positions in
+    order within a bucket.
     """
     n_hashes, bh, length = buckets.shape
-    pad = buckets.new_full((n_hashes, bh, padded_len - length), n_buckets)
-    padded = torch.cat([buckets, pad], dim=-1)  # (n_hashes, BH, N) -> (n_hashes, BH, L)
-    positions = torch.arange(padded_len, device=buckets.device)
-    return torch.argsort(padded * padded_len + positions, dim=-1)
+    keys = buckets.new_full((n_hashes, bh, padded_len), n_buckets, dtype=torch.int32)
+    keys[..., :length] = buckets
+    return torch.sort(keys, dim=-1, stable=True).indices
 
 
 def _inverse(order: Tensor) -> Tensor:
@@ -102,14 +115,25 @@ class ChunkLayout:
         """Whether a chunk also attends to the previous one (not when it is itself)."""
         return self.n_chunks > 1
 
+    @property
+    def window(self) -> int:
+        """Key slots each query chunk attends to: 2 * k_chunk (k_chunk without look-back)."""
+        return self.k_chunk * (2 if self.looks_back else 1)
+
+    def extended_key_order(self) -> Tensor:
+        """(n_hashes, BH, k_chunk + Lk) the sorted keys with the last chunk put in front too
+        (Lk without look-back): query chunk a's window is slots a*k_chunk .. a*k_chunk + W - 1
+        of it, the previous chunk (cyclically), then its own; one strided view gives them all
+        (:func:`windows`)."""
+        if not self.looks_back:
+            return self.k_order
+        return torch.cat([self.k_order[..., -self.k_chunk :], self.k_order], dim=-1)
+
     def key_windows(self) -> Tensor:
         """(n_hashes, BH, n_chunks, W) original key positions each query chunk attends to in
-        each round: its own chunk, then the previous one; W = 2 * k_chunk (k_chunk without
+        each round: the previous chunk, then its own (W = 2 * k_chunk; k_chunk without
         look-back)."""
-        own = self.k_order.unflatten(-1, (self.n_chunks, self.k_chunk))  # (.., Lk) -> (.., nc, ck)
-        if not self.looks_back:
-            return own
-        return torch.cat([own, own.roll(1, dims=2)], dim=-1)  # (.., nc, ck) -> (.., nc, 2ck)
+        return windows(self.extended_key_order(), self)
 
     def query_chunks(self) -> Tensor:
         """(n_hashes, BH, Lq) chunk index of every (padded) query position in every round."""
@@ -146,31 +170,19 @@ def chunk_layout(
     return ChunkLayout(n_chunks, q_chunk, k_chunk, q_order, k_order, q_rank, k_rank)
 
 
-def flat_index(index: Tensor, length: int) -> Tensor:
-    """index: (n_hashes, BH, L) into rows of length ``length`` -> the same into the flat
-    (BH * length) rows, for :func:`permute_rows`."""
-    bh = index.shape[1]
-    offset = torch.arange(bh, device=index.device).mul_(length)
-    return index + offset.view(1, bh, 1)
+def windows(extended: Tensor, layout: ChunkLayout, features: int = 0) -> Tensor:
+    """The key windows of every query chunk, a strided view (no copy): ``extended`` (.., L', *E)
+    laid out as :meth:`ChunkLayout.extended_key_order` (L' = k_chunk + Lk, or Lk without
+    look-back), with ``features`` trailing dims E -> (.., n_chunks, W, *E),
+    W = :attr:`ChunkLayout.window`."""
+    dim = extended.dim() - 1 - features  # the slot dim
+    view = extended.unfold(dim, layout.window, layout.k_chunk)  # (.., n_chunks, *E, W)
+    return view.movedim(-1, dim + 1)  # -> (.., n_chunks, W, *E)
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``rows[perm]`` for a permutation of the rows; the backward pass gathers the gradient with
-    the inverse permutation instead of scatter-adding it (index_select's backward): the same
-    result, and far faster on CPU (2-thread index_add_ took ~100x longer here)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(rows: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-    """rows: (M, E); perm, inverse: (BH, L) flat permutations of the M = BH * L rows and its
-    inverse -> (M, E) with row s = rows[perm[s]]."""
-    return _PermuteRows.apply(rows, perm.reshape(-1), inverse.reshape(-1))
+def flat_rows(index: Tensor, length: int, limit: int) -> Tensor:
+    """index: (BH, L) positions into rows of ``length`` per BH -> (BH*L,) rows of the flat
+    (BH * length) array, positions clamped to ``limit - 1`` (padding slots read a real row, to be
+    masked or dropped)."""
+    offset = torch.arange(index.shape[0], device=index.device).mul_(length)
+    return (index.clamp(max=limit - 1) + offset[:, None]).flatten()

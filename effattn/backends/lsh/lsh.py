@@ -21,8 +21,10 @@ added (the Reformer's value), so it attends to itself only when it has no other 
 
 Rotations are drawn from ``seed`` on every call (effattn.backends.lsh.hashing.random_rotations):
 a call is reproducible and the buckets do not change between calls; pass another seed to redraw.
-Rounds run one after another, so the forward pass holds one round's (B*H, N, 2*chunk) scores at
-a time; with autograd each round's scores are saved: memory O(n_hashes * N * chunk).
+Each round is one call of a fused attention kernel over the sorted chunks
+(effattn.backends.lsh.rounds: the key windows are strided views, masks only where needed), so
+no round's scores are ever held whole; the rounds are merged by their log-sum-exps. Memory:
+O(n_hashes * N * D) for the rounds' outputs, with autograd too (the backward pass recomputes).
 """
 
 from __future__ import annotations
@@ -41,19 +43,13 @@ from effattn.backends.lsh.hashing import (
     chunk_count,
     chunk_layout,
     default_n_buckets,
-    flat_index,
-    permute_rows,
     random_rotations,
 )
+from effattn.backends.lsh.rounds import SELF_ATTENTION_BIAS, Rounds, lsh_attention
 from effattn.ops import attention_flops, keep_mask
 from effattn.registry import register_backend
 
-SELF_ATTENTION_BIAS = -1e5  # added to a token's score with itself under shared-QK (Reformer)
-
-
-def _pad_rows(x: Tensor, length: int) -> Tensor:
-    """(BH, N, E) -> (BH, length, E) with zero rows appended."""
-    return F.pad(x, (0, 0, 0, length - x.shape[1]))
+__all__ = ["SELF_ATTENTION_BIAS", "LSHAttention"]
 
 
 @register_backend("lsh")
@@ -122,100 +118,25 @@ class LSHAttention(Backend):
         scale: float,
     ) -> Tensor:
         b, h, q_len, d = q.shape
-        k_len, bh = k.shape[2], b * h
+        k_len = k.shape[2]
         qf, kf, lay, shared = self._prepare(q, k)
-        nc, cq = lay.n_chunks, lay.q_chunk
-        q_pad_len, k_pad_len = nc * cq, nc * lay.k_chunk
-        qf = _pad_rows(qf * scale, q_pad_len)  # the scale folded into q: (BH, Lq, D)
-        kf = _pad_rows(kf, k_pad_len)  # (BH, Lk, D)
-        # v with a column of ones: the same matmul gives sum_j p_ij v_j and sum_j p_ij.
-        vf = v.to(qf.dtype).reshape(bh, k_len, d)  # (B, H, Nk, D) -> (BH, Nk, D)
-        vf = _pad_rows(F.pad(vf, (0, 1), value=1.0), k_pad_len)  # -> (BH, Lk, D + 1)
-
-        key_dropped = None  # (BH, Lk, 1) bool: padding (ours or the caller's); None when none
-        if key_padding_mask is not None or k_pad_len > k_len:
-            key_ok = torch.zeros(b, k_pad_len, dtype=torch.bool, device=q.device)
-            key_ok[:, :k_len] = True if key_padding_mask is None else key_padding_mask
-            key_dropped = (~key_ok).repeat_interleave(h, dim=0)[..., None]  # (B, Lk) -> (BH, Lk, 1)
-        q_chunks = k_chunks = None
-        if self.dedup:
-            q_chunks, k_chunks = lay.query_chunks(), lay.key_chunks()
-
-        # Flat row permutations of every round, made once: sort queries, sort keys, unsort.
-        q_perm, q_inv = flat_index(lay.q_order, q_pad_len), flat_index(lay.q_rank, q_pad_len)
-        k_perm, k_inv = q_perm, q_inv  # (n_hashes, BH, L) each
-        if not shared:
-            k_perm, k_inv = flat_index(lay.k_order, k_pad_len), flat_index(lay.k_rank, k_pad_len)
-        k_windows = lay.key_windows() if causal or self.dedup else None  # (nh, BH, nc, W)
-        q_rows, k_rows = qf.reshape(-1, d), kf.reshape(-1, d)  # (BH, L, D) -> (BH * L, D)
-        v_rows = vf.reshape(-1, d + 1)  # (BH, Lk, D + 1) -> (BH * Lk, D + 1)
-        if key_dropped is not None:
-            key_dropped = key_dropped.view(-1, 1)  # (BH, Lk, 1) -> (BH * Lk, 1)
-
-        def window(sorted_rows: Tensor) -> Tensor:
-            """Sorted key rows (BH * Lk, E) -> (BH, nc, W, E): each chunk, then the previous."""
-            own = sorted_rows.view(bh, nc, lay.k_chunk, -1)  # -> (BH, nc, ck, E)
-            return torch.cat([own, own.roll(1, dims=1)], dim=2) if lay.looks_back else own
-
-        acc_max = acc = None  # running row max (BH, Nq, 1) and sums (BH, Nq, D + 1)
-        for r in range(self.n_hashes):
-            qs = permute_rows(q_rows, q_perm[r], q_inv[r]).view(bh, nc, cq, d)
-            ks = window(permute_rows(k_rows, k_perm[r], k_inv[r]))  # (BH, nc, W, D)
-            scores = qs @ ks.transpose(-2, -1)  # (BH, nc, cq, W)
-            if shared:  # the own chunk's keys are its queries: self is the diagonal
-                scores[..., :cq].diagonal(dim1=-2, dim2=-1).add_(SELF_ATTENTION_BIAS)
-            dropped = None
-            if key_dropped is not None:
-                sorted_dropped = key_dropped.index_select(0, k_perm[r].view(-1))  # (BH*Lk, 1)
-                dropped = window(sorted_dropped).transpose(-2, -1)  # (BH, nc, 1, W)
-            if causal:  # (BH, nc, cq, 1) vs (BH, nc, 1, W) by original position
-                q_pos = lay.q_order[r].view(bh, nc, cq, 1)  # (BH, Lq) -> (BH, nc, cq, 1)
-                late = k_windows[r].unsqueeze(2) > q_pos + (k_len - q_len)
-                dropped = late if dropped is None else dropped | late
-            if dropped is not None:
-                scores.masked_fill_(dropped, float("-inf"))
-            if self.dedup:
-                q_pos = lay.q_order[r].view(bh, nc, cq)
-                counts = self._round_counts(r, q_pos, k_windows[r], q_chunks, k_chunks)
-                scores.sub_(counts.to(scores.dtype).log_())
-            row_max = scores.detach().amax(dim=-1, keepdim=True)  # (BH, nc, cq, 1)
-            if dropped is not None:
-                row_max.masked_fill_(row_max == float("-inf"), 0.0)  # rows with no key
-            probs = scores.sub_(row_max).exp_()  # unnormalised, (BH, nc, cq, W)
-            vs = window(permute_rows(v_rows, k_perm[r], k_inv[r]))  # (BH, nc, W, D + 1)
-            sums = probs @ vs  # (BH, nc, cq, W) @ (BH, nc, W, D+1) -> (BH, nc, cq, D+1)
-            # Back to the original order (the slot of each query position; padding dropped).
-            sums = permute_rows(sums.view(-1, d + 1), q_inv[r], q_perm[r])  # (BH*Lq, D+1)
-            sums = sums.view(bh, q_pad_len, d + 1)[:, :q_len]  # -> (BH, Nq, D + 1)
-            max_r = row_max.view(-1, 1).index_select(0, q_inv[r].view(-1))  # (BH*Lq, 1)
-            max_r = max_r.view(bh, q_pad_len, 1)[:, :q_len]  # -> (BH, Nq, 1)
-            if acc is None:
-                acc_max, acc = max_r, sums
-                continue
-            new_max = torch.maximum(acc_max, max_r)
-            acc = acc * (acc_max - new_max).exp_() + sums * (max_r - new_max).exp_()
-            acc_max = new_max
-        total = acc[..., d:]  # (BH, Nq, 1): sum of the unnormalised probabilities
-        out = acc[..., :d] / torch.where(total > 0, total, torch.ones_like(total))  # empty -> 0
+        vf = v.to(qf.dtype).reshape(b * h, k_len, d)  # (B, H, Nk, D) -> (BH, Nk, D)
+        key_ok = None
+        if key_padding_mask is not None:
+            key_ok = key_padding_mask.repeat_interleave(h, dim=0)  # (B, Nk) -> (BH, Nk)
+        rounds = Rounds(
+            layout=lay,
+            q_len=q_len,
+            k_len=k_len,
+            causal=causal,
+            key_ok=key_ok,
+            shared=shared,
+            dedup=self.dedup,
+            dtype=qf.dtype,
+            key_order=lay.extended_key_order(),
+        )
+        out = lsh_attention(qf, kf, vf, rounds, scale)  # (BH, Nq, D)
         return out.view(b, h, q_len, d).to(q.dtype)  # (BH, Nq, D) -> (B, H, Nq, D)
-
-    def _round_counts(
-        self, r: int, q_pos: Tensor, k_win: Tensor, q_chunks: Tensor, k_chunks: Tensor
-    ) -> Tensor:
-        """(BH, nc, cq, W): in how many rounds each pair of round r's windows is met (>= 1).
-        q_pos: (BH, nc, cq) and k_win: (BH, nc, W) original positions of round r's chunks."""
-        bh, nc = k_win.shape[:2]
-        counts = torch.ones(q_pos.shape + k_win.shape[-1:], dtype=torch.int32, device=q_pos.device)
-        for other in range(self.n_hashes):
-            if other == r:
-                continue
-            qc = q_chunks[other].gather(1, q_pos.view(bh, -1)).view(bh, nc, -1, 1)  # (.., cq, 1)
-            kc = k_chunks[other].gather(1, k_win.view(bh, -1)).view(bh, nc, 1, -1)  # (.., 1, W)
-            met = kc == qc
-            if nc > 1:
-                met = met | (kc == (qc - 1) % nc)
-            counts += met
-        return counts
 
     # -- declarations -----------------------------------------------------------------------
     def pattern(

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from effattn.backend import Backend, Pattern, predicate_pattern
@@ -125,13 +126,17 @@ class BigBirdAttention(SparseImplMixin, Backend):
         fixed_lists = torch.cat([window, globals_], dim=1).expand(heads, -1, -1)  # (H, nbq, w+g)
         return torch.cat([fixed_lists, random], dim=2).to(device)
 
-    def _positions(self, q_len: int, kv_len: int, heads: int, device: torch.device) -> Tensor:
-        """(H, nb, m*b) key positions of the non-global query blocks, -1 = none."""
+    def _middle_lists(
+        self, q_len: int, kv_len: int, heads: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """The key blocks (H, nb, m) of the non-global query blocks, -1 = none, and their key
+        positions (H, nb, m*b), -1 = none or past Nk."""
         b, nbq = self.block_size, num_blocks(q_len, self.block_size)
         first, last = self._global_rows(nbq)
         lists = self.key_blocks(q_len, kv_len, heads, device)[:, first : nbq - last]
         positions = lists[..., None] * b + torch.arange(b, device=device)  # (H, nb, m, b)
-        return torch.where(lists[..., None] < 0, -1, positions).flatten(2)  # (H, nb, m*b)
+        positions = torch.where((lists[..., None] < 0) | (positions >= kv_len), -1, positions)
+        return lists, positions.flatten(2)  # (H, nb, m), (H, nb, m*b)
 
     def block_table(self, q_len: int, kv_len: int, heads: int, device: torch.device) -> Tensor:
         """(H, nbq, nbk) bool: True where query block t attends to key block s."""
@@ -177,8 +182,10 @@ class BigBirdAttention(SparseImplMixin, Backend):
                 block_table(table, b),  # (H, nbq, nbk) table -> (H, Nq, Nk) predicate
                 q, k, v, key_padding_mask=key_padding_mask, scale=scale, cache_key=key,
             )  # fmt: skip
-        one_row = torch.arange(1, device=q.device)  # the dense mask is the same for every row
-        dense_bias = rows_bias(None, one_row, kv_len, key_padding_mask, q.dtype, key)
+        dense_bias = None  # global rows see every key: a mask only for key padding
+        if key_padding_mask is not None:
+            one_row = torch.arange(1, device=q.device)  # the same mask for every row
+            dense_bias = rows_bias(None, one_row, kv_len, key_padding_mask, q.dtype, key)
         if self.is_dense(kv_len):
             return rows_attention(q, k, v, dense_bias, scale)
         nbq = num_blocks(q_len, b)
@@ -191,12 +198,14 @@ class BigBirdAttention(SparseImplMixin, Backend):
             dense = rows_attention(rows, k, v, dense_bias, scale)  # (B, H, (first+last)*b, D)
             pieces.append(dense[:, :, : first * b])
         if nbq - first - last > 0:
-            positions = cached(
-                (key, "positions"), lambda: self._positions(q_len, kv_len, heads, q.device)
+            lists, positions = cached(
+                (key, "lists"), lambda: self._middle_lists(q_len, kv_len, heads, q.device)
             )
             bias = block_bias(None, None, positions, kv_len, key_padding_mask, q.dtype, key)
             qm = qb[:, :, first : nbq - last]  # (B, H, nb, b, D)
-            middle = gathered_attention(qm, k, v, positions, bias, scale)  # (B, H, nb, b, D)
+            pad = num_blocks(kv_len, b) * b - kv_len  # whole key blocks are gathered
+            k_blocks, v_blocks = (F.pad(x, (0, 0, 0, pad)) if pad else x for x in (k, v))
+            middle = gathered_attention(qm, k_blocks, v_blocks, lists, bias, scale, key_block=b)
             pieces.append(middle.flatten(2, 3))  # (B, H, nb, b, D) -> (B, H, nb*b, D)
         if last:
             pieces.append(dense[:, :, first * b :])  # (B, H, last*b, D)

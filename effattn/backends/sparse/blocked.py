@@ -5,15 +5,18 @@ of m keys: a contiguous span of keys (a sliding window; a strided view of the ke
 gathered list of key positions (global tokens, strided summaries, BigBird's blocks; a copy), or
 both concatenated. Which (query, key) pairs of a block take part is the backend's pattern
 predicate evaluated on the block's (query position, key position) grid, so a key listed twice
-must be listed as -1 (absent) in one of its places. The blocks then run as one batched call of
-torch's fused attention (the tiled flash kernel on CPU, with an additive 0 / -inf mask), which
-never builds more than (b, m) scores per block. Memory: O(N * m) for the mask and any gathered
-keys, never O(N^2).
+must be listed as -1 (absent) in one of its places. The blocks run as the heads of torch's fused
+attention (the tiled flash kernel on CPU, with an additive 0 / -inf mask where one is needed),
+which never builds more than (b, m) scores per block: spans in one call
+(:func:`blocks_attention`), gathered keys in chunks whose copies are reused from chunk to chunk
+(:func:`gathered_attention`, with its own backward pass through the kernel's). Memory: O(N * m)
+for the masks, a bounded buffer for gathered keys, never O(N^2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from effattn.backends.sparse.flash import flash_attention, flash_attention_backward
 from effattn.ops import cached
 from effattn.patterns import Predicate
 
@@ -190,93 +194,192 @@ def blocks_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
 
 
 def gathered_attention(
-    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, bias: Tensor, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    positions: Tensor,
+    bias: Tensor,
+    scale: float,
+    key_block: int = 1,
 ) -> Tensor:
-    """:func:`blocks_attention` over keys gathered at ``positions`` (:func:`gather_keys`); with
-    autograd, in chunks of query blocks whose gathered keys take at most ``GATHER_CHUNK_BYTES``.
+    """Softmax attention of every query block over keys gathered at ``positions``.
 
-    q: (B, H, nb, b, D); k, v: (B, H, Nk, D); positions: (nb, m) or (H, nb, m); bias: as
-    blocks_attention's. Returns (B, H, nb, b, D).
+    q: (B, H, nb, b, D); k, v: (B, H, Nk, D); positions: (nb, m) or (H, nb, m) key positions
+    per query block, or with ``key_block`` > 1 indices of blocks of ``key_block`` consecutive
+    keys (then Nk must be a multiple of key_block; each index stands for key_block keys);
+    positions out of range gather a clamped key, to be masked. bias: (B or 1, H or 1, nb,
+    b or 1, m * key_block) additive (0 / -inf), one column per gathered key. Returns
+    (B, H, nb, b, D); a row that keeps no key gives 0.
 
-    Why chunks: the gathered keys and values and the attention backward's gradients of them
-    are the largest temporaries (B*H*nb*m*D values each). Above glibc's mmap threshold (at
-    most 32 MiB) each is fresh memory from the kernel, page-faulted and zeroed on first touch,
-    on every call; chunks of a few MiB are reused from the heap. That pays with autograd
-    (forward+backward 1.8x faster at N = 4096); the chunks run inside
-    :class:`_GatheredAttention`, which adds the key gradients of all chunks into one buffer
-    (per-chunk gathers under plain autograd would zero-fill and add a gradient the size of k
-    per chunk: O(N^2 / chunk) work).
+    The query blocks run in chunks whose gathered keys take at most ``GATHER_CHUNK_BYTES``:
+    each chunk's keys and values are gathered (index_select, rows of key_block keys) into two
+    buffers made once per call and reused by every chunk, then :func:`flash_attention` runs
+    with the blocks as its heads, without a mask where the chunk's bias is all 0. Gathering
+    all blocks at once would make copies of m / b times the size of k and v, fresh memory from
+    the kernel (page-faulted and zeroed) on every call: that cost more than the attention
+    itself. The backward pass gathers each chunk again (nothing gathered is saved) and adds
+    the key and value gradients into (B*H*Nk, D) buffers with index_add_.
     """
-    k, v = k.contiguous(), v.contiguous()  # (B, H, Nk, D), gathered from as rows (no-op here)
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        # Without autograd one call over all blocks: measured 1.3x faster than chunks at
-        # N = 4096, at O(N * m) memory for the gathered keys.
-        return blocks_attention(
-            q, gather_keys(k, positions), gather_keys(v, positions), bias, scale
+    if k.shape[2] % key_block:
+        raise ValueError(
+            f"key_block: expected a divisor of Nk={k.shape[2]} (pad the keys), got {key_block}"
         )
-    batch, heads, nb, _, dim = q.shape
-    per_block = batch * heads * positions.shape[-1] * dim * k.element_size()
-    step = max(1, GATHER_CHUNK_BYTES // per_block)
-    chunks = [
-        (t, positions[..., t : t + step, :], bias[:, :, t : t + step])  # (.., nb', m) each
-        for t in range(0, nb, step)
-    ]
-    return _GatheredAttention.apply(q, k, v, chunks, scale)
-
-
-_Chunk = tuple[int, Tensor, Tensor]  # (first query block, positions (.., nb', m), bias slice)
+    k, v = k.contiguous(), v.contiguous()  # (B, H, Nk, D), gathered from as rows (no-op here)
+    masked = bias.flatten(3).ne(0).any(-1).flatten(0, 1).any(0).tolist()  # per query block
+    return _GatheredAttention.apply(q, k, v, positions, bias, masked, scale, key_block)
 
 
 class _GatheredAttention(torch.autograd.Function):
-    """:func:`gathered_attention`'s chunks with autograd. Each chunk keeps its own graph (torch's
-    fused attention over gathered copies that are leaves); backward runs each chunk's graph and
-    adds its key and value gradients into one (B*H*Nk, D) buffer each with index_add_."""
+    """:func:`gathered_attention` with its backward pass (see there)."""
 
     @staticmethod
     def forward(
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, chunks: list[_Chunk], scale: float
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        bias: Tensor,
+        masked: list[bool],
+        scale: float,
+        key_block: int,
     ) -> Tensor:
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        graphs, outs = [], []
-        with torch.enable_grad():
-            for t, pos, mask in chunks:
-                q_c = q[:, :, t : t + pos.shape[-2]].detach().requires_grad_(need_q)
-                k_c = gather_keys(k.detach(), pos).requires_grad_(need_k)  # (B, H, nb', m, D)
-                v_c = gather_keys(v.detach(), pos).requires_grad_(need_v)
-                out = blocks_attention(q_c, k_c, v_c, mask, scale)  # (B, H, nb', b, D)
-                graphs.append((t, pos, q_c, k_c, v_c, out))
-                outs.append(out.detach())
-        ctx.graphs, ctx.shapes = graphs, (q.shape, k.shape)
-        return torch.cat(outs, dim=2)  # (B, H, nb, b, D)
+        out = q.new_empty(q.shape)  # (B, H, nb, b, D)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))
+        for chunk in _chunks(q, k, positions, bias, masked, key_block):
+            q_c, k_c, v_c = chunk.gather(q, k, v)
+            o_c, lse_c = flash_attention(q_c, k_c, v_c, chunk.mask, scale)  # (B'H, nb', b, ..)
+            chunk.rows_of(out).copy_(o_c.unflatten(0, chunk.shape(q)[:2]))
+            chunk.rows_of(lse).copy_(lse_c.unflatten(0, chunk.shape(lse)[:2]))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = positions, bias, masked, scale, key_block
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(
-        ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        q_shape, (batch, heads, kv_len, dim) = ctx.shapes
-        need = ctx.needs_input_grad[:3]
-        dq = grad.new_empty(q_shape) if need[0] else None  # every chunk writes its slice
-        dk, dv = (grad.new_zeros(batch * heads * kv_len, dim) if n else None for n in need[1:])
-        for t, pos, q_c, k_c, v_c, out in ctx.graphs:
-            inputs = [x for x, n in zip((q_c, k_c, v_c), need, strict=True) if n]
-            grads = iter(torch.autograd.grad(out, inputs, grad[:, :, t : t + pos.shape[-2]]))
-            rows = _gather_rows(pos, batch, heads, kv_len)  # (B*H*m*nb',)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        positions, bias, masked, scale, key_block = ctx.args
+        dim = k.shape[-1]
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq = q.new_empty(q.shape) if need_q else None  # every chunk writes its rows
+        dk, dv = (torch.zeros_like(k) if n else None for n in (need_k, need_v))
+        for chunk in _chunks(q, k, positions, bias, masked, key_block):
+            q_c, k_c, v_c = chunk.gather(q, k, v)
+            o_c, g_c = (chunk.rows_of(x).flatten(0, 1) for x in (out, grad))  # (B'H, nb', b, D)
+            lse_c = chunk.rows_of(lse).flatten(0, 1)  # (B'H, nb', b)
+            grads = flash_attention_backward(g_c, q_c, k_c, v_c, o_c, lse_c, chunk.mask, scale)
             if dq is not None:
-                dq[:, :, t : t + pos.shape[-2]] = next(grads)
-            for acc in (dk, dv):
-                if acc is not None:  # (B, H, nb', m, D) -> (B, H, m, nb', D): rows as gathered
-                    acc.index_add_(0, rows, next(grads).transpose(2, 3).reshape(-1, dim))
-        ctx.graphs = None
-        shape = (batch, heads, kv_len, dim)
-        dk, dv = (None if d is None else d.view(shape) for d in (dk, dv))
-        return dq, dk, dv, None, None
+                chunk.rows_of(dq).copy_(grads[0].unflatten(0, chunk.shape(q)[:2]))
+            if dk is None and dv is None:
+                continue
+            # The kernel lays key gradients out (B'H, m, nb', D) (its heads innermost): added
+            # in that order, by the rows of each key, they need no copy.
+            rows = chunk.key_rows(*k.shape[1:3])  # (B'*H*m*nb',) in (B', H, m, nb') order
+            for acc, g in ((dk, grads[1]), (dv, grads[2])):
+                if acc is not None:  # (B'H, nb', m, D) -> (B'H, m, nb', D)
+                    acc.view(-1, dim).index_add_(0, rows, g.transpose(1, 2).reshape(-1, dim))
+        return dq, dk, dv, None, None, None, None, None
 
 
-def rows_attention(q_rows: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+@dataclass(frozen=True)
+class _Chunk:
+    """Query blocks ``blocks`` of batch elements ``batch`` of :func:`gathered_attention`: what
+    they gather and their mask."""
+
+    batch: slice  # batch elements
+    blocks: slice  # query blocks
+    first_head: int  # B' * H rows of (B*H): the first one
+    index: Tensor  # (nb', m) or (H, nb', m) clamped positions (of blocks of key_block keys)
+    key_block: int  # keys per position
+    mask: Tensor | None  # additive, broadcasting against (B'*H, nb', b, m*key_block); None: 0
+    buffers: tuple[Tensor, Tensor]  # flat buffers for the gathered keys and values
+
+    def rows_of(self, x: Tensor) -> Tensor:
+        """x: (B, H, nb, ...) -> the chunk's (B', H, nb', ...) view."""
+        return x[self.batch, :, self.blocks]
+
+    def shape(self, x: Tensor) -> torch.Size:
+        return self.rows_of(x).shape
+
+    def _base(self, heads: int, rows_per_head: int) -> Tensor:
+        """(B', H, 1, 1): the first row of each (batch, head) in rows of rows_per_head."""
+        count = (self.batch.stop - self.batch.start) * heads
+        base = torch.arange(self.first_head, self.first_head + count, device=self.index.device)
+        return base.view(-1, heads, 1, 1) * rows_per_head
+
+    def take(self, x: Tensor, rows: Tensor, buffer: int) -> Tensor:
+        """x[rows] (x: (R, W)) into the chunk's buffer: (len(rows), W)."""
+        out = self.buffers[buffer][: rows.numel() * x.shape[1]].view(rows.numel(), x.shape[1])
+        return torch.index_select(x, 0, rows, out=out)
+
+    def gather(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q's rows (B'*H, nb', b, D) and the gathered keys and values (B'*H, nb', m', D),
+        contiguous, gathered in rows of key_block keys."""
+        batch, heads, kv_len, dim = k.shape
+        q_c = self.rows_of(q).flatten(0, 1)  # (B', H, nb', b, D) -> (B'*H, nb', b, D)
+        per_head = kv_len // self.key_block
+        index = self.index if self.index.dim() == 3 else self.index[None]  # (H or 1, nb', m)
+        rows = (self._base(heads, per_head) + index).flatten()  # (B', H, nb', m) order
+        shape = (*q_c.shape[:2], -1, dim)  # (B'*H, nb', m', D)
+        k_c, v_c = (
+            self.take(x.view(batch * heads * per_head, -1), rows, i).view(shape)
+            for i, x in enumerate((k, v))
+        )
+        return q_c, k_c, v_c
+
+    def key_rows(self, heads: int, kv_len: int) -> Tensor:
+        """(B'*H*m'*nb',) the keys' rows of k viewed (B*H*Nk, D), in (B', H, m', nb') order."""
+        keys = self.index[..., None] * self.key_block + torch.arange(
+            self.key_block, device=self.index.device
+        )  # (.., nb', m, key_block)
+        keys = keys.flatten(-2).transpose(-1, -2)  # (H, m', nb') or (m', nb')
+        return (self._base(heads, kv_len) + keys).flatten()
+
+
+def _chunks(
+    q: Tensor, k: Tensor, positions: Tensor, bias: Tensor, masked: list[bool], key_block: int
+) -> Iterator[_Chunk]:
+    """The chunks of :func:`gathered_attention`: query blocks whose gathered keys and values
+    take at most ``GATHER_CHUNK_BYTES`` each (at least one block), over all batch elements at
+    once unless the mask would grow by H to fold ((B, 1, nb, b > 1, m): then per element).
+    ``masked[t]``: whether query block t's bias is not all 0 (else its chunk runs unmasked)."""
+    batch, heads, nb, _, dim = q.shape
+    m = positions.shape[-1]
+    bias_batch, bias_heads, _, bias_rows, _ = bias.shape
+    full = bias_batch * bias_heads
+    split = batch > 1 and bias_rows > 1 and full not in (1, batch * heads)
+    batches = [slice(i, i + 1) for i in range(batch)] if split else [slice(0, batch)]
+    per_block = (1 if split else batch) * heads * m * key_block * dim  # gathered values
+    step = max(1, min(nb, GATHER_CHUNK_BYTES // (per_block * k.element_size())))
+    buffers = (k.new_empty(step * per_block), k.new_empty(step * per_block))
+    index = positions.clamp(0, k.shape[2] // key_block - 1)  # (nb, m) or (H, nb, m)
+    for b_slice in batches:
+        for t in range(0, nb, step):
+            blocks = slice(t, t + step)
+            part = bias[b_slice if bias_batch > 1 else slice(0, 1), :, blocks]
+            mask = None
+            if any(masked[blocks]):
+                mask = _fold_mask(part, b_slice.stop - b_slice.start, heads)
+            first = b_slice.start * heads
+            yield _Chunk(b_slice, blocks, first, index[..., blocks, :], key_block, mask, buffers)
+
+
+def _fold_mask(bias: Tensor, batch: int, heads: int) -> Tensor:
+    """(B' or 1, H or 1, nb', b or 1, m) -> a 4-D mask broadcasting against (B'*H, nb', b, m):
+    a view, or a copy (:func:`_chunks` splits the batch where that copy would grow by H)."""
+    if bias.shape[0] * bias.shape[1] == 1:
+        return bias[0]  # (1, nb', b or 1, m)
+    return bias.expand(batch, heads, -1, -1, -1).flatten(0, 1)  # (B'*H, nb', b or 1, m)
+
+
+def rows_attention(
+    q_rows: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
+) -> Tensor:
     """Dense attention of a few query rows (global tokens) over all keys.
 
-    q_rows: (B, H, R, D); k, v: (B, H, Nk, D); bias: (B or 1, H or 1, R or 1, Nk) additive.
+    q_rows: (B, H, R, D); k, v: (B, H, Nk, D); bias: (B or 1, H or 1, R or 1, Nk) additive, or
+    None (every key).
     Returns (B, H, R, D): O(R * Nk) memory. One call of torch's fused attention in its own
     (B, H, L, D) layout; a row that keeps no key gives 0.
     """
