@@ -324,6 +324,49 @@ def test_bert_encoder_logits_match_sdpa():
     _assert_close_on_tokens(got, want, mask)
 
 
+def _tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )
+
+
+def test_bert_with_an_effattn_name_runs_or_names_the_transformers_it_needs():
+    """transformers 4.57's BERT has its own attention classes: building it with an effattn name
+    is refused with the version BERT needs (it was a bare KeyError inside transformers); from
+    5.x on it dispatches through AttentionInterface and the backend really runs."""
+    from transformers import AutoModel, BertModel
+
+    config = _tiny_bert_config()
+    if not BertModel._supports_attention_backend:
+        with pytest.raises(ValueError, match=r"BertModel in transformers .*transformers>=5"):
+            AutoModel.from_config(config, attn_implementation="effattn_local")
+        return
+    model = AutoModel.from_config(config, attn_implementation="effattn_local").eval()
+    assert model.config._attn_implementation == "effattn_local"
+    backend = hf.registered_backend("effattn_local")
+    with mock.patch.object(
+        type(backend), "forward", autospec=True, side_effect=type(backend).forward
+    ) as spy:
+        model(torch.randint(0, 64, (1, N)))
+    assert spy.call_count == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_dispatch_check_leaves_transformers_own_implementations_alone(implementation: str):
+    from transformers import AutoModel
+
+    model = AutoModel.from_config(_tiny_bert_config(), attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation
+
+
 # -- reading 4-D masks ----------------------------------------------------------------------------
 def _additive(keep: torch.Tensor) -> torch.Tensor:
     return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)

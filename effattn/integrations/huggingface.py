@@ -12,8 +12,11 @@ default options; ``register(name=..., backend=..., **options)`` registers one ba
 options. Each name goes to transformers' ``AttentionInterface`` (the attention call) and
 ``AttentionMaskInterface`` (the mask a model builds once per forward). Only models that
 dispatch through AttentionInterface run them (``_supports_attention_backend``: Llama, Mistral,
-Qwen, ESM, ...; BERT and RoBERTa from transformers 5, not in 4.57). Tested with transformers
-4.57 and 5.23.
+Qwen, ESM, ...; BERT and RoBERTa from transformers 5, not in 4.57). Building a model that
+computes attention in its own classes (BERT under 4.57) with an effattn name raises a
+ValueError that says so and names the transformers version BERT needs (see
+:func:`check_model_dispatches`), instead of transformers' bare ``KeyError``. Tested with
+transformers 4.57 and 5.23.
 
 How masks reach the backend. effattn backends take a ``causal`` flag and a (B, Nk) bool key
 padding mask, never a dense (Nq, Nk) mask, so:
@@ -48,6 +51,10 @@ Queries that keep no key (fully padded rows) give zeros, not NaN.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -156,6 +163,7 @@ def _register_one(name: str, backend: Backend) -> None:
             f"name: expected a name that transformers does not use itself, got {name!r} "
             f"(use e.g. {PREFIX}{backend.name!r})"
         )
+    _install_dispatch_check()
     AttentionInterface.register(name, _attention_function(backend))
     try:
         from transformers import AttentionMaskInterface
@@ -164,6 +172,59 @@ def _register_one(name: str, backend: Backend) -> None:
     else:
         AttentionMaskInterface.register(name, key_padding_mask_interface)
     _REGISTERED[name] = backend
+
+
+def _install_dispatch_check() -> None:
+    """Wrap ``PreTrainedModel.get_correct_attn_implementation`` (which every model runs on its
+    attention implementation when it is built, or switched) once, so that an effattn name is
+    checked with :func:`check_model_dispatches` first. Other names pass untouched."""
+    from transformers import PreTrainedModel
+
+    current = getattr(PreTrainedModel, "get_correct_attn_implementation", None)
+    if current is None or getattr(current, "_effattn_checks_dispatch", False):
+        return
+
+    @functools.wraps(current)
+    def get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+        if requested_attention in _REGISTERED:
+            check_model_dispatches(type(self), requested_attention)
+        return current(self, requested_attention, *args, **kwargs)
+
+    get_correct_attn_implementation._effattn_checks_dispatch = True
+    PreTrainedModel.get_correct_attn_implementation = get_correct_attn_implementation
+
+
+def check_model_dispatches(model_class: type, name: str) -> None:
+    """Raise a ValueError if ``model_class`` (a transformers PreTrainedModel) computes attention
+    in its own classes rather than through ``AttentionInterface``, so that the effattn name
+    ``name`` could never run in it (transformers 4.57's BERT, RoBERTa and other encoders fail
+    with a bare ``KeyError`` then, or ignore the name).
+
+    Known to dispatch: ``_supports_attention_backend``, or a module whose source uses
+    ``ALL_ATTENTION_FUNCTIONS``. Known not to: a module that defines ``class ...Attention(
+    nn.Module)`` and never uses it. Anything else (no source, attention defined elsewhere) is
+    left to transformers."""
+    if getattr(model_class, "_supports_attention_backend", False):
+        return
+    try:
+        source = inspect.getsource(sys.modules[model_class.__module__])
+    except (KeyError, OSError, TypeError):
+        return
+    if "ALL_ATTENTION_FUNCTIONS" in source:
+        return
+    if not re.search(r"class \w+Attention\(nn\.Module\)", source):
+        return
+    import transformers
+
+    raise ValueError(
+        f"attn_implementation: {model_class.__name__} in transformers {transformers.__version__} "
+        f"computes attention in its own classes instead of dispatching through transformers' "
+        f"AttentionInterface, so it cannot run {name!r} (or any effattn backend); BERT, RoBERTa "
+        "and other BERT-style encoders dispatch through it from transformers 5.0 on: "
+        "pip install 'transformers>=5' (the 'effattn[fidelity]' extra does). Models that "
+        "dispatch already (Llama, Mistral, Qwen, ESM, ...) run effattn backends under "
+        f"{transformers.__version__} too."
+    )
 
 
 def _attention_function(backend: Backend) -> Callable[..., tuple[Tensor, Tensor | None]]:

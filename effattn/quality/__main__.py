@@ -1,0 +1,13 @@
+"""``python -m effattn.quality``: the same as ``effattn quality``."""
+
+import sys
+
+from effattn.cli import main as effattn_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return effattn_main(["quality", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
