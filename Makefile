@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint sweep bench bench-check test-triton-3.6 test-hf5 clean
+.PHONY: setup test lint sweep quality fidelity bench bench-check test-triton-3.6 test-hf5 clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,38 @@ test: $(STAMP)
 # into reports/ (shown in the README). SWEEP_DEVICE is read once the venv exists.
 SWEEP_DEVICE ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 SWEEP_RUN ?= tay-$(SWEEP_DEVICE)
+# The real-model cosine column of the table, from `make fidelity` (committed for the CPU).
+FIDELITY_CSV ?= reports/fidelity-$(SWEEP_DEVICE).csv
 sweep: $(STAMP)
 	$(PY) -m effattn sweep tay --run-id $(SWEEP_RUN) --fresh --quiet
-	$(PY) -m effattn report reports/runs/$(SWEEP_RUN) --format md csv tex html --out reports/$(SWEEP_RUN)
+	$(PY) -m effattn report reports/runs/$(SWEEP_RUN) --format md csv tex html --out reports/$(SWEEP_RUN) \
+		$(if $(wildcard $(FIDELITY_CSV)),--fidelity $(FIDELITY_CSV))
 	$(PY) -m effattn plot reports/runs/$(SWEEP_RUN) --out reports/plots --prefix $(SWEEP_RUN)
+
+# Do two back-to-back default sweeps repeat? Run 1 (reports/runs/$(SWEEP_RUN)-first), then
+# `make sweep` itself, then `effattn compare`: the share of speed-up-vs-sdpa cells that agree
+# within +-10%, and of cells whose run-1 95% interval holds run 2's median, in
+# reports/$(SWEEP_RUN)-agreement.md (and on the screen).
+.PHONY: sweep-agreement
+sweep-agreement: $(STAMP)
+	$(PY) -m effattn sweep tay --run-id $(SWEEP_RUN)-first --fresh --quiet
+	$(MAKE) sweep
+	$(PY) -m effattn compare reports/runs/$(SWEEP_RUN)-first reports/runs/$(SWEEP_RUN) \
+		--out reports/$(SWEEP_RUN)-agreement.md
+
+# The accuracy half of the LRA tables: the same small model trained with each backend on the
+# tasks of preset `quality` (MQAR, ListOps, nearest recall), each run in its own worker; resumes
+# when run again. Report in reports/quality-cpu.md (+ .csv), charts in reports/plots/.
+QUALITY_PRESET ?= quality
+QUALITY_RUN ?= $(QUALITY_PRESET)-cpu
+quality: $(STAMP)
+	$(PY) -m effattn quality $(QUALITY_PRESET) --run-id $(QUALITY_RUN) \
+		--report reports/$(QUALITY_RUN) --plots reports/plots
+
+# Each backend inside a real pretrained model (all-MiniLM-L6-v2) on real text, against exact
+# attention: needs transformers 5.x and the model wheel, so it runs in the HF5 venv below.
+fidelity: $(VENVHF5)/.installed-stamp
+	$(VENVHF5)/bin/python -m effattn fidelity
 
 lint: $(STAMP)
 	$(PY) -m ruff check effattn kernels tests benchmarks
@@ -51,20 +79,24 @@ test-triton-3.6: $(VENV36)/.installed-stamp
 	$(VENV36)/bin/python -m pytest -q -W ignore::DeprecationWarning $(KERNEL_TESTS)
 
 # The HuggingFace integration under transformers 5.x too: `effattn[hf]` installs the newest
-# transformers, while the dev extra pins < 5 for the peers (5.x removed Transformer-XL).
+# transformers, while the dev extra pins < 5 for the peers (5.x removed Transformer-XL). The same
+# venv installs the `fidelity` extra (all-MiniLM-L6-v2 shipped as a wheel, pinned in
+# pyproject.toml; BERT dispatches through the integration from 5.x on), so the fidelity tests run
+# on the real model here. Not the dev extra: its transformers < 5 would replace HF5.
 VENVHF5 ?= .venv-hf5
 HF5 ?= transformers==5.23.0
+HF5_TESTS := tests/test_huggingface.py $(wildcard tests/test_fidelity*.py)
 
 $(VENVHF5)/.installed-stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENVHF5)
 	$(VENVHF5)/bin/python -m pip install -q --upgrade pip
 	$(VENVHF5)/bin/python -m pip install -q -c constraints.txt torch
-	$(VENVHF5)/bin/python -m pip install -q "$(HF5)" pytest pytest-benchmark hypothesis
-	$(VENVHF5)/bin/python -m pip install -q --no-deps -e .
+	$(VENVHF5)/bin/python -m pip install -q -c constraints.txt "$(HF5)" pytest pytest-benchmark hypothesis
+	$(VENVHF5)/bin/python -m pip install -q -c constraints.txt -e '.[fidelity]'
 	touch $@
 
 test-hf5: $(VENVHF5)/.installed-stamp
-	$(VENVHF5)/bin/python -m pytest -q tests/test_huggingface.py
+	$(VENVHF5)/bin/python -m pytest -q $(HF5_TESTS)
 
 clean:
 	rm -rf $(VENV) $(VENV36) $(VENVHF5) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -14,7 +14,9 @@ from effattn.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", [[], ["list"], ["sweep"], ["report"], ["plot"]])
+@pytest.mark.parametrize(
+    "command", [[], ["list"], ["sweep"], ["report"], ["plot"], ["compare"], ["peers"]]
+)
 def test_help_everywhere(command: list[str], capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -67,3 +69,64 @@ def test_python_dash_m_runs_the_same_command():
     )  # fmt: skip
     assert done.returncode == 2
     assert "unknown backend 'nosuch'" in done.stderr
+
+
+def test_unknown_options_are_refused_except_for_peers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--nosuch"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --nosuch" in capsys.readouterr().err
+
+
+def test_peers_passes_its_options_to_benchmarks_peers(monkeypatch):
+    from effattn import cli
+
+    seen = []
+
+    class FakePeers:
+        @staticmethod
+        def main(argv):
+            seen.append(argv)
+
+    monkeypatch.setattr(cli, "_peers_module", lambda: FakePeers)
+    assert main(["peers", "--n", "2048", "--only", "local,lsh"]) == 0
+    assert main(["peers", "--peers-help"]) == 0
+    assert seen == [["--n", "2048", "--only", "local,lsh"], ["--help"]]
+
+
+def test_peers_is_the_real_benchmarks_peers_from_the_checkout(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # its own argparse help
+        main(["peers", "--peers-help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_peers_outside_a_source_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
+    from effattn import cli
+
+    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)  # an installed wheel: no benchmarks/
+    assert main(["peers"]) == 2
+    err = capsys.readouterr().err
+    assert "effattn peers: error:" in err and "not installed with the package" in err
+    assert "pip install -c constraints.txt -e '.[peers]'" in err
+
+
+def test_the_readme_sweep_example_runs_on_cpu_without_the_cuda_grid(tmp_path, capsys):
+    """The preset's triton grid (device cuda) takes --backends too; on a machine without CUDA
+    it is left out with a message, while --device cuda asked for by name is still an error."""
+    from effattn.bench.spec import expand
+    from effattn.cli import _sweep_spec, build_parser
+
+    args = build_parser().parse_args(
+        ["sweep", "--backends", "full", "local:window=128", "--seq-lens", "1024", "2048",
+         "--mode", "fwd_bwd"]
+    )  # fmt: skip
+    spec, overridden = _sweep_spec(args)
+    assert overridden
+    if not __import__("torch").cuda.is_available():
+        points, messages = expand(spec, strict=True, strict_device=False)
+        assert {p.label for p in points} == {"full", "local:window=128"}
+        assert {p.device for p in points} == {"cpu"} and {p.mode for p in points} == {"fwd_bwd"}
+        assert any("cuda was asked for" in m for m in messages)
+        code = main(["sweep", "smoke", "--device", "cuda", "--out", str(tmp_path)])
+        assert code == 2 and "cuda was asked for" in capsys.readouterr().err

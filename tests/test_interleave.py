@@ -1,17 +1,25 @@
-"""effattn.bench.interleave: the calls are timed in interleaved order, and median, spreads and
-ratio (the median of per-repeat ratios, not the ratio of medians) are what the docstring says.
-A fake meter stands in for meters.time_cpu: each timing is scripted, nothing depends on speed."""
+"""Interleaving. effattn.bench.interleave (the peers' helper): the calls are timed in
+interleaved order, and median, spreads and ratio (the median of per-repeat ratios, not the ratio
+of medians) are what the docstring says; a fake meter stands in for meters.time_cpu: each timing
+is scripted, nothing depends on speed. The sweep's rounds (effattn.bench.runner): a fresh
+shuffled order each round, and calls that really alternate between a group's backends."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from effattn import registry
 from effattn.bench import interleave
 from effattn.bench.interleave import Interleaved, time_interleaved
 from effattn.bench.meters import Timing
+from effattn.bench.runner import round_schedule, run_sweep
+from effattn.bench.spec import Grid, Settings, SweepSpec
+from effattn.bench.store import RESULTS, ResultsFile
 
 
 def _fake_meter(
@@ -129,3 +137,67 @@ def test_with_the_real_meter():
     assert [len(timed.times_ms(k)) for k in "ab"] == [2, 2]
     assert all(t > 0 for k in "ab" for t in timed.times_ms(k))
     assert timed.ratio("a", "b") > 0
+
+
+# -- the sweep's interleaved rounds (effattn.bench.runner) -------------------------------------
+_LOGGING = """
+from dataclasses import dataclass
+from pathlib import Path
+from effattn.backends.full import FullAttention
+from effattn.registry import register_backend
+
+LOG = Path({log!r})
+
+
+def _logged(name):
+    @register_backend(name)
+    @dataclass(frozen=True)
+    class Logged(FullAttention):
+        def forward(self, q, k, v, **kwargs):
+            with LOG.open("a") as f:
+                f.write(name + "\\n")
+            return super().forward(q, k, v, **kwargs)
+
+    return Logged
+
+
+A, B = _logged("log_a"), _logged("log_b")
+"""
+
+
+def test_round_schedule_is_a_fresh_shuffle_of_every_point_each_round():
+    keys = [f"k{i}" for i in range(6)]
+    schedule = round_schedule(keys, 5, seed=3)
+    assert [r for r, _ in schedule] == [r for r in range(5) for _ in keys]
+    orders = [[k for r, k in schedule if r == i] for i in range(5)]
+    assert all(sorted(order) == keys for order in orders)  # each round: every point, once
+    assert len({tuple(o) for o in orders}) > 1  # shuffled afresh, not one order five times
+    assert round_schedule(keys, 5, seed=3) == schedule  # a seed repeats it
+
+
+def test_the_sweep_times_a_group_in_interleaved_rounds(tmp_path: Path):
+    """Two backends of one group, 4 rounds: their calls alternate at least once a round (a
+    sweep that timed one point after the other would switch once), and each row keeps 4
+    rounds and its ratios to full, taken round by round."""
+    log = tmp_path / "calls.log"
+    plugin = tmp_path / "logged.py"
+    plugin.write_text(_LOGGING.format(log=str(log)))
+    grid = Grid(backends=("full", "log_a", "log_b"), seq_lens=(32,), heads=(1,), head_dim=(8,),
+                device=("cpu",), threads=(1,))  # fmt: skip
+    rounds = 4
+    spec = SweepSpec("rounds", Settings(min_run_time_s=0.02, rounds=rounds), (grid,),
+                     (str(plugin),))  # fmt: skip
+    try:
+        run_sweep(spec, tmp_path / "run")
+    finally:
+        for name in ("log_a", "log_b"):
+            registry._REGISTRY.pop(name, None)
+    calls = [line for line in log.read_text().split() if line]
+    switches = sum(a != b for a, b in itertools.pairwise(calls))
+    assert switches >= rounds + 2  # set-up a b, >= 1 switch a round, memory a b
+    rows = {r["label"]: r for r in ResultsFile(tmp_path / "run" / RESULTS).read()}
+    assert set(rows) == {"full", "log_a", "log_b"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["rounds"] == rounds
+        assert len(row["times_ms"]) == rounds and len(row["speedup_vs_full_rounds"]) == rounds
+        assert "speedup_vs_sdpa" not in row or row["speedup_vs_sdpa"] is None  # no sdpa here

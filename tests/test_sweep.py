@@ -176,3 +176,97 @@ def test_rerun_of_a_finished_sweep_measures_nothing(tmp_path: Path):
 def test_non_positive_length_is_refused(n: int):
     with pytest.raises(ValueError, match="positive"):
         expand(SweepSpec("bad", FAST, (dataclasses.replace(TINY, seq_lens=(n,)),)), strict=True)
+
+
+_SLOW = """
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from effattn.backends.full import FullAttention
+from effattn.registry import register_backend
+
+LOG = Path({log!r})
+
+
+@register_backend("slowlog")
+@dataclass(frozen=True)
+class SlowLog(FullAttention):
+    def forward(self, q, k, v, **kwargs):
+        with LOG.open("a") as f:  # one line a call, naming N
+            f.write(f"{{q.shape[-2]}}\\n")
+        time.sleep(0.02)
+        return super().forward(q, k, v, **kwargs)
+"""
+
+
+def _slow_sweep(tmp_path: Path) -> tuple[list[str], Path]:
+    """A sweep of two groups (N=32, N=64) of full, sdpa and a slow logging backend, 4 rounds,
+    as a command line; returns it and the call log."""
+    log = tmp_path / "calls.log"
+    plugin = tmp_path / "slowlog.py"
+    plugin.write_text(_SLOW.format(log=str(log)))
+    preset = tmp_path / "slow.toml"
+    preset.write_text(
+        f'plugins = ["{plugin}"]\n'
+        "[settings]\nmin_run_time_s = 0.2\nrounds = 4\n"
+        '[[grid]]\nbackends = ["full", "sdpa", "slowlog"]\nseq_lens = [32, 64]\nheads = [1]\n'
+        'head_dim = [8]\ndevice = ["cpu"]\nthreads = [1]\n'
+    )
+    command = [sys.executable, "-m", "effattn", "sweep", str(preset), "--out", str(tmp_path),
+               "--run-id", "r", "--quiet"]  # fmt: skip
+    return command, log
+
+
+def test_killed_in_the_middle_of_a_round_resumes_without_duplicate_or_loss(tmp_path: Path):
+    command, log = _slow_sweep(tmp_path)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # set-up (2 calls), then rounds of ~3 calls at N=64
+        if log.exists() and log.read_text().split().count("64") >= 6:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker, in round 2 of N=64
+    proc.wait()
+    before = _rows(tmp_path / "r")
+    assert {r["n"] for r in before} == {32}  # N=32's rows written, N=64's group lost mid-round
+    assert len(before) == 3
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = _rows(tmp_path / "r")
+    keys = [r["key"] for r in after]
+    assert len(keys) == len(set(keys)) == 6
+    assert after[:3] == before  # finished rows kept as they were
+    assert all(r["status"] == "ok" and r["rounds"] == 4 for r in after)
+
+
+def test_a_group_missing_some_rows_times_its_baselines_again_as_references(tmp_path: Path):
+    """Rows of a group written before a kill are kept; the missing point is measured beside
+    the group's baselines (timed again, not written again), so its ratios are still taken
+    within rounds."""
+    grid = dataclasses.replace(TINY, backends=("full", "sdpa", "local:window=8"))
+    spec = SweepSpec("refs", dataclasses.replace(FAST, rounds=3), (grid,))
+    run_sweep(spec, tmp_path)
+    rows = _rows(tmp_path)
+    kept = [r for r in rows if r["label"] != "local:window=8"]
+    (tmp_path / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    lines = []
+    run_sweep(spec, tmp_path, on_row=lambda row: lines.append(row.label))
+    assert lines == ["local:window=8"]  # only the missing row was written
+    after = _rows(tmp_path)
+    assert after[:2] == kept and len(after) == 3
+    local = after[2]
+    assert local["status"] == "ok"
+    for base in ("full", "sdpa"):
+        assert len(local[f"speedup_vs_{base}_rounds"]) == 3
+
+
+def test_env_records_the_load_average_at_start_and_end(tmp_path: Path):
+    spec = SweepSpec("load", FAST, (TINY,))
+    run_sweep(spec, tmp_path)
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert len(env["load_average_start"]) == len(env["load_average_end"]) == 3
+    assert env["finished_at"] >= env["started_at"]
+    run_sweep(spec, tmp_path)  # a resumed session records its own
+    (resumed,) = json.loads((tmp_path / "env.json").read_text())["resumed"]
+    assert len(resumed["load_average_start"]) == len(resumed["load_average_end"]) == 3

@@ -6,9 +6,11 @@ The driver (the ``effattn sweep`` process, on a login node) expands the sweep, d
 already in the results store (resume), splits the rest into at most ``array_parallelism`` array
 tasks of whole curves (all N of one backend and shape, so a smaller N that ran out of budget still
 cuts the larger ones), submits them and waits. Each task measures its points exactly as a local
-sweep does (effattn.bench.runner.measure_points: a worker process per point, one point per GPU at
-a time) and appends its rows to the same results.jsonl (a file lock keeps lines whole, see
-effattn.bench.store). Every row names its host, device and job id.
+sweep does (effattn.bench.runner.measure_points: a worker process per comparison group, in
+interleaved rounds, one group per GPU at a time) and appends its rows to the same results.jsonl (a
+file lock keeps lines whole, see effattn.bench.store). A task whose curves lack a group's
+baselines (``full``, ``sdpa``: another task's curves) times them beside its own points, without
+rows, so that every ratio is taken within rounds. Every row names its host, device and job id.
 
 A task that dies (killed, pre-empted, over its Slurm time limit, node failure) is submitted again
 for its points that have no row yet, ``retries`` times; after that each such point gets a
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from effattn.bench.spec import MODES, Point, SweepSpec, expand
+from effattn.bench.spec import BASELINES, MODES, Point, SweepSpec, expand
 from effattn.bench.store import RESULTS, ResultsFile, Row
 
 SUBMITIT_DIR = "submitit"  # under the run folder: submitit's pickles and the tasks' logs
@@ -136,6 +138,7 @@ class MeasureTask:
     spec: SweepSpec  # the sweep (settings and plugins)
     points: tuple[Point, ...]  # this task's points, whole curves
     run_dir: str  # the shared run folder
+    references: tuple[Point, ...] = ()  # the sweep's baseline points (timed beside, no rows)
 
     def __call__(self) -> int:
         import torch
@@ -147,7 +150,14 @@ class MeasureTask:
         points = list(self.points)
         on_gpu = all(p.device == "cuda" for p in points) and torch.cuda.is_available()
         slots = gpu_slots(torch.cuda.device_count() if on_gpu else 1, points)
-        measure_points(points, self.spec, Path(self.run_dir), slots=slots, stream=sys.stdout)
+        measure_points(
+            points,
+            self.spec,
+            Path(self.run_dir),
+            slots=slots,
+            stream=sys.stdout,
+            references=self.references,
+        )
         return len(points)
 
 
@@ -188,7 +198,8 @@ def submit_sweep(
         if not todo:
             break
         chunks = split_curves(todo, options.array_parallelism)
-        tasks = [MeasureTask(spec, tuple(chunk), str(run_dir)) for chunk in chunks]
+        baselines = tuple(p for p in points if p.label in BASELINES)
+        tasks = [MeasureTask(spec, tuple(chunk), str(run_dir), baselines) for chunk in chunks]
         if executor.cluster != "slurm" and len(chunks) > 1 and any(p.device == "cpu" for p in todo):
             stream.write(
                 "warning: several tasks time CPU points at once on this machine's shared cores; "

@@ -1,6 +1,7 @@
-"""What one point measures: the callable of its mode, its FLOPs, its time, memory and error.
+"""What one point measures: the callable of its mode, its FLOPs and its error.
 
-Runs inside a worker process (effattn.bench.worker). Modes:
+Used inside a worker process (effattn.bench.worker, which times the callables in rounds and
+measures their memory with effattn.bench.meters). Modes:
 
 - ``fwd``:     ``backend(q, k, v)`` with q, k, v: (B, H, N, D), no autograd.
 - ``fwd_bwd``: the same with q, k, v requiring grad, then ``out.backward(grad_out)``.
@@ -16,30 +17,16 @@ forward of the linear layers (2 * weights * tokens) per layer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from effattn.backend import Backend
-from effattn.bench import meters
 from effattn.bench.spec import DTYPES, Point, Settings
 from effattn.nn import MultiheadAttention
 from effattn.registry import get_backend
 
 FWD_BWD_FACTOR = 3.5  # forward + backward = (1 + 2.5) x forward
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """What a point measured, in the units of the result columns."""
-
-    time_ms_median: float  # median of the warm runs
-    time_ms_iqr: float  # interquartile range of the warm runs
-    runs: int  # timed runs
-    peak_mem_mib: float  # peak memory allocated above the inputs, MiB = 2**20 bytes
-    flops: int  # FLOPs of one call (see the module docstring)
-    rel_error: float | None  # ||out - ref|| / ||ref|| vs float64 full, approximate backends
 
 
 def backend_of(point: Point) -> Backend:
@@ -92,12 +79,19 @@ def _encoder(point: Point, settings: Settings) -> nn.Module:
     return nn.Sequential(*layers).to(device=point.device, dtype=DTYPES[point.dtype])
 
 
-def build_callable(point: Point, settings: Settings) -> Callable[[], object]:
-    """The zero-argument function that one timed run calls (inputs built here, outside it)."""
+def build_callable(
+    point: Point, settings: Settings, *, tensors: tuple | None = None
+) -> Callable[[], object]:
+    """The zero-argument function that one timed run calls (inputs built here, outside it).
+
+    tensors: q, k, v to use instead of building them (modes fwd and fwd_bwd; for fwd_bwd they
+    must require grad), so that the points of one comparison group share one set of inputs:
+    ``inputs(point, requires_grad=point.mode == "fwd_bwd")``. Mode step builds its own input
+    from the global seed: seed before each build for identical inputs."""
     backend = backend_of(point)
     causal = point.causal
     if point.mode == "fwd":
-        q, k, v = inputs(point)
+        q, k, v = tensors if tensors is not None else inputs(point)
 
         def fwd() -> object:
             with torch.no_grad():
@@ -105,8 +99,8 @@ def build_callable(point: Point, settings: Settings) -> Callable[[], object]:
 
         return fwd
     if point.mode == "fwd_bwd":
-        q, k, v = inputs(point, requires_grad=True)
-        grad_out = torch.randn_like(q)
+        q, k, v = tensors if tensors is not None else inputs(point, requires_grad=True)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
 
         def fwd_bwd() -> object:
             for t in (q, k, v):
@@ -132,41 +126,30 @@ def build_callable(point: Point, settings: Settings) -> Callable[[], object]:
     return step
 
 
-def relative_error(point: Point) -> float:
-    """||out - ref|| / ||ref|| of the backend's forward against float64 ``full`` on the same
-    inputs; the reference is computed one (batch, head) slice at a time (N x N floats each)."""
-    backend = backend_of(point)
+def reference_output(point: Point) -> torch.Tensor:
+    """float64 ``full`` attention on the point's inputs, (B, H, N, D), computed one (batch, head)
+    slice at a time (N x N floats each): the reference of :func:`relative_error`, the same for
+    every backend of a comparison group."""
     full = get_backend("full")
     q, k, v = inputs(point)
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     with torch.no_grad():
-        out = backend(q, k, v, causal=point.causal).double()
-        num = den = 0.0
         for b in range(point.batch):
             for h in range(point.heads):
                 sl = (slice(b, b + 1), slice(h, h + 1))  # (B, H, N, D) -> (1, 1, N, D)
-                ref = full(q[sl].double(), k[sl].double(), v[sl].double(), causal=point.causal)
-                num += float((out[sl] - ref).pow(2).sum())
-                den += float(ref.pow(2).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
+                out[sl] = full(q[sl].double(), k[sl].double(), v[sl].double(), causal=point.causal)
+    return out
 
 
-def measure(point: Point, settings: Settings) -> Measurement:
-    """Time and peak memory of the point's callable (CPU: threads pinned; CUDA: events)."""
-    fn = build_callable(point, settings)
-    if point.device == "cuda":
-        timing = meters.time_cuda(fn, repeats=settings.cuda_repeats)
-        peak = meters.peak_memory_cuda(fn)
-    else:
-        timing = meters.time_cpu(fn, threads=point.threads, min_run_time_s=settings.min_run_time_s)
-        peak = meters.peak_memory_cpu(fn)
-    return Measurement(
-        time_ms_median=timing.median_ms,
-        time_ms_iqr=timing.iqr_ms,
-        runs=timing.runs,
-        peak_mem_mib=peak / meters.MIB,
-        flops=point_flops(point, settings),
-        rel_error=None,
-    )
+def relative_error(point: Point, reference: torch.Tensor | None = None) -> float:
+    """||out - ref|| / ||ref|| of the backend's forward against float64 ``full`` on the same
+    inputs; ``reference``: :func:`reference_output` of the point (computed here if None)."""
+    ref = reference_output(point) if reference is None else reference
+    q, k, v = inputs(point)
+    with torch.no_grad():
+        out = backend_of(point)(q, k, v, causal=point.causal).double()
+    den = float(ref.pow(2).sum())
+    return (float((out - ref).pow(2).sum()) / den) ** 0.5 if den > 0 else 0.0
 
 
 def wants_error(point: Point, settings: Settings) -> bool:

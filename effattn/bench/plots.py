@@ -2,8 +2,9 @@
 returns a Figure; :func:`save_figure` writes it as PNG and SVG; :func:`write_plots` makes them all.
 
 - plot_time / plot_memory: time_ms_median and peak_mem_mib against N, log-log, one line per
-  backend (and run), a band from median - IQR/2 to median + IQR/2 for time;
-- plot_speedup: full's time / each backend's time against N;
+  backend (and run), with the 95% interval of the time as a band (a run without rounds: from
+  median - IQR/2 to median + IQR/2);
+- plot_speedup: full's time / each backend's time against N (per round), with its 95% interval;
 - plot_error_vs_speed: rel_error against time for the approximate backends;
 - plot_patterns: the attention pattern (Backend.pattern) of each backend that does not attend to
   every pair, at N = 1024 (at 256 a 256-window covers every pair).
@@ -55,20 +56,26 @@ def _section_title(frame: pd.DataFrame) -> str:
     )
 
 
+def _band(ax, rows: pd.DataFrame, color: str, stem: str, median: str) -> None:
+    """Shade the 95% interval (``stem``_lo .. ``stem``_hi) where the rows have one."""
+    lo, hi = rows.get(f"{stem}_lo"), rows.get(f"{stem}_hi")
+    if lo is None or hi is None:
+        return
+    if stem == "time_ms":  # a run without rounds: median -+ IQR/2
+        half = rows["time_ms_iqr"] / 2
+        lo = lo.fillna(rows[median] - half)
+        hi = hi.fillna(rows[median] + half)
+    ax.fill_between(rows["n"], lo.clip(lower=1e-6), hi, color=color, alpha=0.2)
+
+
 def plot_time(frame: pd.DataFrame) -> Figure:
-    """Median time against N on log-log axes, with the IQR as a band (one section's rows)."""
+    """Median time against N on log-log axes, with its 95% interval as a band (one section's
+    rows)."""
     fig, (ax,) = _figure()
     for label, rows in _curves(frame):
         (line,) = ax.plot(rows["n"], rows["time_ms_median"], marker="o", label=label)
-        half = rows["time_ms_iqr"] / 2
-        ax.fill_between(
-            rows["n"],
-            (rows["time_ms_median"] - half).clip(lower=1e-6),
-            rows["time_ms_median"] + half,
-            color=line.get_color(),
-            alpha=0.2,
-        )
-    _log_axes(ax, "time_ms_median (band: IQR)", _section_title(frame), _ns(frame))
+        _band(ax, rows, line.get_color(), "time_ms", "time_ms_median")
+    _log_axes(ax, "time_ms_median (band: 95% interval)", _section_title(frame), _ns(frame))
     return fig
 
 
@@ -82,12 +89,13 @@ def plot_memory(frame: pd.DataFrame) -> Figure:
 
 
 def plot_speedup(frame: pd.DataFrame) -> Figure:
-    """full's time / each backend's time, against N (1 = as fast as full)."""
+    """full's time / each backend's time (per round), against N (1 = as fast as full)."""
     fig, (ax,) = _figure()
     for label, rows in _curves(frame):
-        ax.plot(rows["n"], rows["speedup_vs_full"], marker="o", label=label)
+        (line,) = ax.plot(rows["n"], rows["speedup_vs_full"], marker="o", label=label)
+        _band(ax, rows, line.get_color(), "speedup_vs_full", "speedup_vs_full")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    _log_axes(ax, "speed-up vs full (x)", _section_title(frame), _ns(frame))
+    _log_axes(ax, "speed-up vs full (x; band: 95% interval)", _section_title(frame), _ns(frame))
     return fig
 
 
@@ -109,19 +117,34 @@ def plot_error_vs_speed(frame: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_patterns(labels: list[str], n: int = 1024) -> Figure:
-    """The mask (or pair weights) that each backend realises on random inputs of length n."""
+def plot_patterns(labels: list[str], n: int = 1024, dense_n: int = 512) -> Figure:
+    """What each backend attends to, on random inputs (B = H = 1, D = 16, seed 0).
+
+    Pattern backends (``has_pattern``): the mask (or pair weights) realised at length ``n``;
+    dense ones (every pair) are left out. Low-rank and kernel backends, which attend to every
+    pair through a formula: their effective attention matrix A (out = A V) from the dense
+    reference (``Backend.attention_matrix``) at length ``dense_n``, labelled so, in a diverging
+    colour map when A has negative entries (Linformer, Nystromformer)."""
     from effattn.bench.spec import parse_backend_spec
     from effattn.registry import get_backend
 
-    shown = []
+    shown = []  # (title, picture (N, N), signed)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, 16, generator=gen) for _ in range(3))  # (B, H, N, D)
     for label in labels:
         spec = parse_backend_spec(label)
         backend = get_backend(spec.name, **dict(spec.options))
+        causal = not backend.supports_bidirectional  # causal-only backends: causal
+        if not backend.has_pattern:
+            small = (t[:, :, :dense_n] for t in (q, k, v))  # (B, H, N, D) -> (B, H, dense_n, D)
+            try:
+                weights = backend.attention_matrix(*small, causal=causal)[0, 0]  # (N, N)
+            except ValueError:
+                continue
+            title = f"{label}\neffective A (out = A V), N={dense_n}"
+            shown.append((title, weights.float(), bool((weights < 0).any())))
+            continue
         try:
-            causal = not backend.supports_bidirectional  # causal-only backends: causal
             pattern = backend.pattern(q, k, v, causal=causal)
         except (NotImplementedError, ValueError):
             continue
@@ -130,18 +153,26 @@ def plot_patterns(labels: list[str], n: int = 1024) -> Figure:
             picture = picture * pattern.weight[0, 0]
         if bool(pattern.mask.all()):
             continue  # dense: nothing to see
-        shown.append((label, picture))
-    fig, axes = _figure(max(1, len(shown)), width=3.2, height=3.4)
-    for ax, (label, picture) in zip(axes, shown, strict=False):
-        ax.imshow(picture.numpy(), cmap="Greys", interpolation="nearest", vmin=0)
         density = float((picture > 0).float().mean())
-        ax.set_title(f"{label}\n{density:.1%} of pairs", fontsize=8)
+        shown.append((f"{label}\n{density:.1%} of pairs", picture, False))
+    fig, axes = _figure(max(1, len(shown)), width=3.2, height=3.4)
+    for ax, (title, picture, signed) in zip(axes, shown, strict=False):
+        if signed:
+            top = float(picture.abs().max())
+            ax.imshow(picture.numpy(), cmap="RdBu_r", interpolation="nearest", vmin=-top, vmax=top)
+        else:
+            ax.imshow(picture.numpy(), cmap="Greys", interpolation="nearest", vmin=0)
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("key j")
         ax.set_ylabel("query i")
     if not shown:
-        axes[0].text(0.5, 0.5, "no sparse pattern backend", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no backend to picture", ha="center", va="center")
         axes[0].set_axis_off()
-    fig.suptitle(f"attention patterns at N={n} (black = computed)", fontsize=9)
+    fig.suptitle(
+        f"attention patterns at N={n} (black = computed); low-rank and kernel backends: "
+        f"their effective attention matrix A at N={dense_n} (dense reference)",
+        fontsize=9,
+    )
     return fig
 
 

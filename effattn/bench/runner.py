@@ -1,12 +1,37 @@
-"""Runs a sweep: each point in its own worker process, rows appended as they finish, resumable.
+"""Runs a sweep: the points of each comparison group in interleaved rounds, in a worker process
+of their own; rows appended as groups finish; resumable.
 
-For each point, in order (see effattn.bench.spec.expand):
-- already in results.jsonl (same key)           -> skipped silently (resume);
-- the backend declares it cannot run it         -> row ``unsupported`` (no worker started);
+A comparison group is every point with the same N, B, H, D, dtype, device, causal, threads and
+mode (Point.group_key): the cells one column of a table compares. For each group, in order (see
+effattn.bench.spec.expand):
+- points already in results.jsonl (same key)     -> skipped silently (resume);
+- the backend declares it cannot run the point    -> row ``unsupported`` (no worker started);
 - a smaller N of the same curve ran out of budget -> row ``skipped`` ("out of budget at N=...");
-- else a worker measures it; a worker that outlives ``settings.time_limit_s`` is killed
-  (``timeout``), one that dies without an answer is ``crashed`` (signal named), SIGKILL that we
-  did not send is reported as ``oom`` (the kernel's OOM killer).
+- the rest are measured together by one worker (effattn.bench.worker.group_main): set up once,
+  then ``settings.rounds`` rounds, each timing every point once in a fresh shuffled order
+  (:func:`round_schedule`), then memory and error.
+
+Why one worker per group, not one per point and round: a group's points share their inputs and
+their warm-up, a round costs no process start, warm-up or calibration, and the points of a round
+are timed seconds apart, so a ratio taken within a round sees one machine load. The guarantees
+of a worker per point are kept:
+- time limit: a point's set-up, rounds and memory count against ``settings.time_limit_s``; the
+  parent kills a worker whose current point outlives its budget (``timeout``);
+- isolation: a worker that dies (segfault, abort, the kernel's OOM killer: SIGKILL that we did
+  not send is reported as ``oom``) costs the point it was measuring, which the parent knows from
+  the worker's last message; a new worker takes the group's other points from where it stopped
+  (the rounds already heard are kept), so a crash never costs its neighbours;
+- an exception (out of memory under the cap included) costs only its point, in the worker.
+- resume: a group's ok rows are written when its last round is done, each row one atomic
+  append (effattn.bench.store); a sweep killed in the middle of a round measures that group's
+  missing points again, with no duplicate and no lost row. When some rows of a group are
+  already written (killed between appends, or split over array tasks), the group's baselines
+  (``full``, ``sdpa``) are timed again beside the missing points, as references without rows,
+  so that every ratio is still taken within rounds.
+
+Each ok row keeps its per-round timings and the statistics of effattn.bench.stats: the median
+time with its 95% bootstrap interval, and the speed-ups vs ``full`` and vs ``sdpa`` (baseline's
+time / this time, taken per round) with theirs.
 """
 
 from __future__ import annotations
@@ -15,20 +40,31 @@ import dataclasses
 import datetime as dt
 import multiprocessing as mp
 import os
+import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
-from effattn.bench import measure
-from effattn.bench.spec import DTYPES, Point, SweepSpec, expand
-from effattn.bench.store import ENV, RESULTS, ResultsFile, Row, environment, write_env
-from effattn.bench.worker import load_plugins, worker_main
+from effattn.bench import measure, stats
+from effattn.bench.spec import BASELINES, DTYPES, Point, SweepSpec, expand
+from effattn.bench.store import (
+    ENV,
+    RESULTS,
+    ResultsFile,
+    Row,
+    busy_warning,
+    environment,
+    finish_env,
+    write_env,
+)
+from effattn.bench.worker import group_main, load_plugins
 
 OUT_OF_BUDGET = ("oom", "timeout")
 WORKER_LOG = "worker.log"  # the workers' stdout and stderr (profiler notes, crash messages)
@@ -56,26 +92,20 @@ def _signal_name(code: int) -> str:
 
 @dataclasses.dataclass
 class RunningWorker:
-    """A worker process measuring one point; :meth:`poll` gives its answer once there is one.
+    """A worker process; :meth:`poll` gives its answer once there is one.
 
-    Not only for sweep points: :meth:`start_target` runs any ``target(conn, *args)`` that sends
-    one dict ``{"status": ..., "reason": ..., **fields}`` over ``conn`` (the quality runs train
-    one model per worker this way), with the same time limit and crash/OOM statuses."""
+    :meth:`start_target` runs any ``target(conn, *args)`` that sends one dict ``{"status": ...,
+    "reason": ..., **fields}`` over ``conn`` (the quality runs train one model per worker this
+    way), with a time limit and crash/OOM statuses. The sweep's group workers talk more
+    (effattn.bench.worker.group_main); :class:`GroupRun` reads them through ``conn`` and uses
+    :meth:`dead` for a worker that died."""
 
-    point: Any  # what the worker measures: a sweep Point, or any job of the caller's
+    point: Any  # what the worker measures: a GroupRun of the sweep, or any job of the caller's
     proc: mp.process.BaseProcess
     conn: Connection  # the parent's end of the pipe
-    limit_s: float  # the point's time limit
+    limit_s: float  # the job's time limit
     log: Path | None
     started: float = dataclasses.field(default_factory=time.monotonic)
-
-    @classmethod
-    def start(
-        cls, point: Point, spec: SweepSpec, log: Path | None = None, gpu: str | None = None
-    ) -> RunningWorker:
-        """Fork a worker for ``point``; ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins its GPU."""
-        args = (point, spec.settings, list(spec.plugins), log, gpu)
-        return cls.start_target(point, worker_main, args, spec.settings.time_limit_s, log)
 
     @classmethod
     def start_target(
@@ -113,11 +143,21 @@ class RunningWorker:
         if not self.proc.is_alive():
             return self._finish(self.conn.recv() if self.conn.poll(0) else None)
         if time.monotonic() >= self.deadline():
-            self.proc.kill()
-            self.proc.join()
-            self.conn.close()
+            self.kill()
             return "timeout", f"over the time limit of {self.limit_s:g} s", {}
         return None
+
+    def kill(self) -> None:
+        """Kill the worker (SIGKILL) and wait for it."""
+        self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+    def dead(self) -> tuple[str, str]:
+        """(status, reason) of a worker that stopped without an answer: ``oom`` for a SIGKILL we
+        did not send (the kernel's OOM killer), else ``crashed`` naming the signal or exit code."""
+        status, reason, _ = self._finish(None)
+        return status, reason
 
     def _finish(self, result: dict | None) -> tuple[str, str, dict]:
         self.conn.close()
@@ -136,15 +176,192 @@ class RunningWorker:
         return "crashed", f"worker exited with code {code} without a result{see}", {}
 
 
-def run_in_worker(
-    point: Point, spec: SweepSpec, log: Path | None = None, gpu: str | None = None
-) -> tuple[str, str, dict]:
-    """Measure one point in a worker process: (status, reason, measured fields). The worker's
-    stdout and stderr go to ``log`` (appended) when given."""
-    worker = RunningWorker.start(point, spec, log, gpu)
-    while (answer := worker.poll()) is None:
-        wait(worker.waitables(), timeout=max(0.0, worker.deadline() - time.monotonic()))
-    return answer
+def round_schedule(
+    keys: Sequence[str], rounds: int, seed: int | None = None
+) -> list[tuple[int, str]]:
+    """The (round, key) measurements of a group: ``rounds`` rounds, each timing every key once,
+    in a fresh shuffled order (``seed``: None draws one from the OS)."""
+    rng = random.Random(seed)
+    schedule = []
+    for r in range(rounds):
+        order = list(keys)
+        rng.shuffle(order)
+        schedule += [(r, key) for key in order]
+    return schedule
+
+
+def _six(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+class GroupRun:
+    """One comparison group being measured: its worker, what the worker said, the time each
+    point spent. :meth:`poll` reads the worker, replaces it when it dies or overruns a point's
+    budget, and says when the group is done; :meth:`rows` then gives the rows to write.
+
+    points: the points to measure and write; references: baselines (``full``, ``sdpa``) of the
+    group timed in the same rounds for the ratios, without rows (their rows exist already, or
+    another array task writes them)."""
+
+    def __init__(
+        self,
+        points: list[Point],
+        references: list[Point],
+        spec: SweepSpec,
+        log: Path | None = None,
+        gpu: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.points, self.spec, self.log, self.gpu = points, spec, log, gpu
+        self.all = [*points, *references]
+        self.limit_s = spec.settings.time_limit_s
+        keys = [p.key for p in self.all]
+        self.schedule = round_schedule(keys, spec.settings.rounds, seed)
+        rounds = spec.settings.rounds
+        self.times: dict[str, list[list[float] | None]] = {k: [None] * rounds for k in keys}
+        self.failed: dict[str, tuple[str, str]] = {}  # key -> (status, reason)
+        self.fields: dict[str, dict[str, Any]] = {}  # key -> memory, flops, error, device
+        self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
+        self.started = time.monotonic()
+        self.phase = ""  # what the worker said it is doing: "lsh round 2/5"
+        self.current: str | None = None
+        self.since = self.started
+        self.worker: RunningWorker | None = None
+        self._launch()
+
+    @property
+    def finished(self) -> bool:
+        return self.worker is None
+
+    def _left(self) -> list[Point]:
+        return [p for p in self.all if p.key not in self.failed and p.key not in self.fields]
+
+    def _launch(self) -> None:
+        left = self._left()
+        if not left:
+            self.worker = None
+            return
+        todo = [(r, k) for r, k in self.schedule
+                if k not in self.failed and self.times[k][r] is None]  # fmt: skip
+        args = (left, self.spec.settings, list(self.spec.plugins), todo, self.log, self.gpu)
+        self.worker = RunningWorker.start_target(self, group_main, args, self.limit_s, self.log)
+        self._switch(left[0].key)  # the start of a worker counts against its first point
+
+    def _switch(self, key: str | None) -> None:
+        now = time.monotonic()
+        if self.current is not None:
+            self.spent[self.current] += now - self.since
+        self.current, self.since = key, now
+
+    def deadline(self) -> float:
+        if self.current is None:
+            return float("inf")
+        return self.since + self.limit_s - self.spent[self.current]
+
+    def waitables(self) -> list:
+        return [] if self.worker is None else self.worker.waitables()
+
+    def _fail(self, status: str, reason: str) -> None:
+        """The worker is gone: the point it was on gets the status; a new worker goes on."""
+        key = self.current
+        self._switch(None)
+        if key is not None and key not in self.fields:
+            self.failed.setdefault(key, (status, reason))
+        self._launch()
+
+    def poll(self) -> bool:
+        """Handle what the worker said, its death or its overrun; True once the group is done."""
+        worker = self.worker
+        while worker is not None and worker is self.worker:
+            try:
+                if not worker.conn.poll(0):
+                    break
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                self._fail(*worker.dead())
+                break
+            kind, *rest = message
+            if kind == "begin":
+                key, phase = rest
+                self._switch(key)
+                label = next(p.label for p in self.all if p.key == key)
+                self.phase = f"{label} {phase}"
+            elif kind == "round":
+                key, r, times = rest
+                self.times[key][r] = times
+            elif kind == "failed":
+                key, status, reason = rest
+                self.failed[key] = (status, reason)
+            elif kind == "done":
+                key, fields = rest
+                self.fields[key] = fields
+            elif kind == "end":
+                self._switch(None)
+                worker.conn.close()
+                worker.proc.join(timeout=30)
+                for p in self._left():  # never happens with a sound worker; never silent
+                    self.failed[p.key] = ("crashed", "the worker ended without measuring it")
+                self.worker = None
+        if self.worker is not None and self.worker is worker:
+            if not worker.proc.is_alive() and not worker.conn.poll(0):
+                self._fail(*worker.dead())
+            elif time.monotonic() >= self.deadline():
+                worker.kill()
+                self._fail("timeout", f"over the time limit of {self.limit_s:g} s")
+        return self.finished
+
+    def wall_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def rows(self) -> list[Row]:
+        """The rows of ``points`` (not of the references), once :attr:`finished`."""
+        baselines = {p.label: p.key for p in self.all if p.label in BASELINES}
+        rows = []
+        for point in self.points:
+            wall = round(self.spent[point.key], 3)
+            if point.key in self.failed:
+                status, reason = self.failed[point.key]
+                rows.append(Row.make(point, status, reason, wall_s=wall))
+                continue
+            rounds = [t for t in self.times[point.key] if t is not None]
+            timing = timing_fields(rounds)
+            for label, base in baselines.items():
+                if base not in self.failed:
+                    ratios = stats.round_ratios(self.times[base], self.times[point.key])
+                    timing.update(ratio_fields(f"speedup_vs_{label}", ratios))
+            rows.append(Row.make(point, "ok", wall_s=wall, **self.fields[point.key], **timing))
+        return rows
+
+
+def timing_fields(rounds: list[list[float]]) -> dict[str, Any]:
+    """The row fields of one point's rounds (per-call ms of each timed block, per round): the
+    median and its interval (effattn.bench.stats.median_interval), the IQR of all timed runs,
+    and the timings themselves (6 significant digits)."""
+    interval = stats.median_interval(rounds)
+    q1, q3 = np.quantile(np.concatenate(rounds), [0.25, 0.75])
+    return {
+        "time_ms_median": interval.median,
+        "time_ms_lo": interval.lo,
+        "time_ms_hi": interval.hi,
+        "time_ms_iqr": float(q3 - q1),
+        "runs": sum(len(r) for r in rounds),
+        "rounds": len(rounds),
+        "times_ms": [[_six(t) for t in r] for r in rounds],
+    }
+
+
+def ratio_fields(name: str, ratios: list[float]) -> dict[str, Any]:
+    """``name``, ``name_lo``, ``name_hi`` (the median of the per-round ratios and its interval)
+    and ``name_rounds`` (the ratios); nothing without a ratio."""
+    if not ratios:
+        return {}
+    interval = stats.median_interval([[r] for r in ratios])
+    return {
+        name: interval.median,
+        f"{name}_lo": interval.lo,
+        f"{name}_hi": interval.hi,
+        f"{name}_rounds": [_six(r) for r in ratios],
+    }
 
 
 def gpu_slots(workers: int, points: list[Point]) -> list[str | None]:
@@ -224,31 +441,104 @@ def run_sweep(
     run_dir: Path,
     *,
     strict: bool = False,
+    strict_device: bool | None = None,
     stream: TextIO | None = None,  # None: sys.stderr at call time
     on_row: Callable[[Row], None] | None = None,
     workers: int = 1,
 ) -> Path:
     """Measure every point of ``spec`` not already in ``run_dir``; returns the results path.
+    env.json records the load average at the start and the end; at the end, warnings for a
+    busy machine and for the cells whose interval is too wide (effattn.bench.stats.UNSTABLE_PCT).
 
-    strict: unknown backends raise instead of being skipped with a message.
-    workers: points measured at once, one GPU each (see :func:`gpu_slots`).
+    strict, strict_device: unknown backends, missing devices raise instead of being skipped
+    with a message (effattn.bench.spec.expand).
+    workers: groups measured at once, one GPU each (see :func:`gpu_slots`).
     """
     stream = sys.stderr if stream is None else stream
     load_plugins(spec.plugins)
-    points, messages = expand(spec, strict=strict)
+    points, messages = expand(spec, strict=strict, strict_device=strict_device)
     slots = gpu_slots(workers, points)
     for message in messages:
         stream.write(message + "\n")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_env(run_dir, environment((p.threads for p in points), dataclasses.asdict(spec)))
+    env = environment((p.threads for p in points), dataclasses.asdict(spec))
+    write_env(run_dir, env)
     started = time.monotonic()
-    results = measure_points(points, spec, run_dir, slots=slots, stream=stream, on_row=on_row)
+    rows: list[Row] = []
+
+    def collect(row: Row) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    results = measure_points(points, spec, run_dir, slots=slots, stream=stream, on_row=collect)
+    end = finish_env(run_dir)
     if stream.isatty():
         stream.write("\n")
     elapsed = _duration(time.monotonic() - started)
     stream.write(f"sweep {run_dir.name}: {len(points)} points, {elapsed} (results: {results})\n")
+    for warning in sweep_warnings(rows, env["load_average_start"], end, env):
+        stream.write(warning + "\n")
     return results
+
+
+_SHORT = {"time_ms": "time", "speedup_vs_full": "vs full", "speedup_vs_sdpa": "vs sdpa"}
+
+
+def unstable_cells(rows: Sequence[Row | dict[str, Any]]) -> list[tuple[str, float]]:
+    """(description, widest half-width in %) of each ok row whose time or speed-up interval is
+    wider than effattn.bench.stats.UNSTABLE_PCT percent of its median."""
+    found = []
+    for row in rows:
+        r = row if isinstance(row, dict) else dataclasses.asdict(row)
+        if r["status"] != "ok":
+            continue
+        widths = {}
+        for name in ("time_ms", "speedup_vs_full", "speedup_vs_sdpa"):
+            median = r.get("time_ms_median" if name == "time_ms" else name)
+            lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
+            if median is not None and lo is not None and hi is not None:
+                widths[name] = stats.Interval(median, lo, hi).half_width_pct
+        wide = {k: w for k, w in widths.items() if w > stats.UNSTABLE_PCT}
+        if wide:
+            what = ", ".join(f"{_SHORT[k]} ±{w:.0f}%" for k, w in wide.items())
+            causal = " causal" if r["causal"] else ""
+            found.append(
+                (f"{r['mode']}{causal} {r['label']} N={r['n']}: {what}", max(wide.values()))
+            )
+    return found
+
+
+def sweep_warnings(
+    rows: Sequence[Row | dict[str, Any]],
+    load_start: Sequence[float],
+    load_end: Sequence[float],
+    env: dict[str, Any],
+    *,
+    shown: int = 10,
+) -> list[str]:
+    """The warnings at the end of a sweep (as pyperf warns that a benchmark looks unstable): a
+    busy machine (effattn.bench.store.busy_warning), and the unstable cells, widest first."""
+    warnings = []
+    busy = busy_warning(
+        load_start, load_end, env.get("cpu_count") or 1, max(env["threads"], default=1)
+    )
+    if busy:
+        warnings.append(f"warning: {busy}")
+    cells = sorted(unstable_cells(rows), key=lambda c: -c[1])
+    if cells:
+        ok = sum(1 for r in rows if (r if isinstance(r, dict) else dataclasses.asdict(r))
+                 ["status"] == "ok")  # fmt: skip
+        warnings.append(
+            f"warning: {len(cells)} of {ok} cells look unstable: a 95% interval wider than "
+            f"±{stats.UNSTABLE_PCT:g}% of its median (marked ! in the tables). Rerun on a quieter "
+            "machine, or with more --rounds or a longer --min-run-time:"
+        )
+        warnings += [f"  {text}" for text, _ in cells[:shown]]
+        if len(cells) > shown:
+            warnings.append(f"  ... and {len(cells) - shown} more")
+    return warnings
 
 
 def _curve(point: Point) -> str:
@@ -264,23 +554,32 @@ def measure_points(
     slots: list[str | None] = (None,),  # type: ignore[assignment]
     stream: TextIO | None = None,  # None: sys.stderr at call time
     on_row: Callable[[Row], None] | None = None,
+    references: Sequence[Point] = (),
 ) -> Path:
-    """Measure ``points`` (in order) not already in ``run_dir``'s results, one worker process per
-    point, ``len(slots)`` at once, each slot pinned to its GPU (a CUDA_VISIBLE_DEVICES value, or
-    None: unchanged). The points of one curve run one after another, so a smaller N that ran out
-    of budget still cuts the larger ones; a slot never runs two points at once. Returns the
-    results path."""
-    results = ResultsFile(Path(run_dir) / RESULTS)
+    """Measure ``points`` not already in ``run_dir``'s results, group by group in the order of
+    their first point (see the module docstring), ``len(slots)`` groups at once, each slot
+    pinned to its GPU (a CUDA_VISIBLE_DEVICES value, or None: unchanged). A group waits while a
+    group sharing one of its curves runs, so a smaller N that ran out of budget still cuts the
+    larger ones. ``references``: more points of the sweep (an array task's view of the others'
+    points) whose baselines may be timed beside a group without rows. Returns the results
+    path."""
+    run_dir = Path(run_dir)
+    results = ResultsFile(run_dir / RESULTS)
     done = {row["key"]: row for row in results.read()}
     progress = Progress(len(points), sys.stderr if stream is None else stream)
-    pending = []
+    groups: dict[str, list[Point]] = {}
     for point in points:
         if point.key in done:
             progress.done += 1
         else:
-            pending.append(point)
-    running: dict[int, RunningWorker] = {}  # slot index -> its worker
-    curve = {p.key: _curve(p) for p in pending}  # computed once: each pass looks them up
+            groups.setdefault(point.group_key, []).append(point)
+    baselines: dict[str, list[Point]] = {}
+    for point in dict.fromkeys([*points, *references]):
+        if point.label in BASELINES:
+            baselines.setdefault(point.group_key, []).append(point)
+    curves = {key: {_curve(p) for p in group} for key, group in groups.items()}
+    running: dict[int, GroupRun] = {}  # slot index -> its group
+    rounds = spec.settings.rounds
 
     def record(row: Row) -> None:
         results.append(row)
@@ -289,41 +588,75 @@ def measure_points(
         if on_row is not None:
             on_row(row)
 
-    while pending or running:
-        busy = {curve[w.point.key] for w in running.values()}
+    def not_run(point: Point) -> Row | None:
+        """The row of a point that will not run (unsupported, or cut off); None for one that
+        will."""
+        reasons = _unsupported(point)
+        cut = None if reasons else _cut_off(point, done)
+        if reasons or cut:
+            status, why = ("unsupported", "; ".join(reasons)) if reasons else ("skipped", cut)
+            return Row.make(point, status, why)
+        return None
+
+    held: dict[str, tuple[list[Point], dict[str, Row]]] = {}  # group -> its points, rows held
+
+    def finish(key: str, rows: list[Row]) -> None:
+        """Record a group's rows, measured or not, in the order of its points."""
+        group, kept = held.pop(key)
+        by_key = {**kept, **{row.key: row for row in rows}}
+        for point in group:
+            record(by_key[point.key])
+
+    def start(key: str, gpu: str | None) -> GroupRun | None:
+        group = groups.pop(key)
+        kept = {p.key: row for p in group if (row := not_run(p)) is not None}
+        held[key] = (group, kept)
+        todo = [p for p in group if p.key not in kept]
+        if not todo:
+            finish(key, [])
+            return None
+        mine = {p.key for p in todo}
+        refs = [
+            p
+            for p in baselines.get(key, [])
+            if p.key not in mine
+            and done.get(p.key, {}).get("status", "ok") == "ok"
+            and not _unsupported(p)
+            and _cut_off(p, done) is None
+        ]
+        names = ", ".join(p.label for p in todo)
+        extra = f" (+ {', '.join(p.label for p in refs)} as references)" if refs else ""
+        head = dataclasses.replace(todo[0], backend="*", options=())
+        progress.show(f"{head.describe()}: {names}{extra}, {rounds} rounds")
+        return GroupRun(todo, refs, spec, run_dir / WORKER_LOG, gpu)
+
+    while groups or running:
+        busy = set().union(*(curves[run.points[0].group_key] for run in running.values()))
         for slot in (i for i in range(len(slots)) if i not in running):
-            point = next((p for p in pending if curve[p.key] not in busy), None)
-            while point is not None:
-                pending.remove(point)
-                reasons = _unsupported(point)
-                cut = None if reasons else _cut_off(point, done)
-                if not (reasons or cut):
+            while True:
+                key = next((k for k in groups if not curves[k] & busy), None)
+                if key is None:
                     break
-                status, why = ("unsupported", "; ".join(reasons)) if reasons else ("skipped", cut)
-                record(Row.make(point, status, why))
-                point = next((p for p in pending if curve[p.key] not in busy), None)
-            if point is None:
-                break
-            progress.show(point.describe())
-            running[slot] = RunningWorker.start(
-                point, spec, Path(run_dir) / WORKER_LOG, slots[slot]
-            )
-            busy.add(curve[point.key])
+                run = start(key, slots[slot])
+                if run is not None:
+                    running[slot] = run
+                    busy |= curves[key]
+                    break
         if not running:
             continue
-        soonest = min(w.deadline() for w in running.values())
-        wait([x for w in running.values() for x in w.waitables()],
-             timeout=max(0.0, soonest - time.monotonic()))  # fmt: skip
-        for slot, worker in list(running.items()):
-            answer = worker.poll()
-            if answer is None:
+        soonest = min(run.deadline() for run in running.values())
+        wait([x for run in running.values() for x in run.waitables()],
+             timeout=max(0.0, min(soonest - time.monotonic(), 1.0)))  # fmt: skip
+        for slot, run in list(running.items()):
+            phase = run.phase
+            if not run.poll():
+                if progress.stream.isatty() and run.phase != phase:
+                    progress.show(run.phase)
                 continue
             del running[slot]
-            status, reason, measured = answer
-            wall = time.monotonic() - worker.started
-            progress.measured_s += wall
-            progress.measured += 1
-            record(Row.make(worker.point, status, reason, wall_s=round(wall, 3), **measured))
+            progress.measured_s += run.wall_s()
+            progress.measured += len(run.points)
+            finish(run.points[0].group_key, run.rows())
     return results.path
 
 

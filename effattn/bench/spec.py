@@ -33,6 +33,7 @@ from effattn.backend import dtype_name
 from effattn.registry import backend_class, get_backend, list_backends, parse_option_value
 
 MODES = ("fwd", "fwd_bwd", "step")
+BASELINES = ("full", "sdpa")  # the labels every speed-up is taken against, within rounds
 DTYPES = {dtype_name(d): d for d in FLOAT_DTYPES}  # float16, bfloat16, float32, float64
 DEVICES = ("auto", "cpu", "cuda")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "sweeps"
@@ -71,10 +72,11 @@ def parse_backend_spec(text: str) -> BackendSpec:
 class Settings:
     """How each point is measured and what budget it gets."""
 
-    time_limit_s: float = 120.0  # wall-clock limit of one point's worker process
+    time_limit_s: float = 120.0  # wall-clock limit of one point: its set-up, rounds, memory
     mem_limit_mib: int = 8192  # address space a CPU worker may add after building its inputs
-    min_run_time_s: float = 0.5  # torch.utils.benchmark's min_run_time per point (CPU)
-    cuda_repeats: int = 20  # timed runs per point on CUDA
+    min_run_time_s: float = 0.5  # timed seconds per point (CPU), split evenly over the rounds
+    cuda_repeats: int = 20  # timed runs (blocks) per point on CUDA, split over the rounds
+    rounds: int = 5  # interleaved rounds: each times every point of a comparison group once
     error_max_n: int = 4096  # approximate backends: error vs float64 full up to this N
     step_layers: int = 2  # mode "step": encoder layers (d_model = heads * head_dim)
     step_ffn_mult: int = 2  # mode "step": feed-forward width = step_ffn_mult * d_model
@@ -84,6 +86,8 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"settings.{name}: expected a positive number, got {value!r}")
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
+            raise ValueError(f"settings.rounds: expected a positive integer, got {self.rounds!r}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,12 @@ class Point:
         """A stable identity for resuming: the point's fields as canonical JSON."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
 
+    @property
+    def group_key(self) -> str:
+        """The comparison group: every axis but the backend (same N, B, H, D, dtype, device,
+        causal, threads and mode). The points of a group are timed in interleaved rounds."""
+        return dataclasses.replace(self, backend="", options=()).key
+
     def describe(self) -> str:
         causal = " causal" if self.causal else ""
         return (
@@ -151,20 +161,30 @@ class SweepSpec:
 
 
 # -- presets ---------------------------------------------------------------------------------
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+def presets_in(folder: Path) -> list[str]:
+    """The preset names of a folder of TOML files."""
+    return sorted(p.stem for p in folder.glob("*.toml"))
 
 
-def preset_path(name: str) -> Path:
-    """A preset name (``tay``) or a path to a TOML file."""
+def find_preset(name: str, folder: Path) -> Path:
+    """A preset name of ``folder`` or a path to a TOML file; ValueError listing the known ones."""
     path = Path(name)
     if path.suffix == ".toml" and path.exists():
         return path
-    candidate = PRESET_DIR / f"{name}.toml"
+    candidate = folder / f"{name}.toml"
     if candidate.exists():
         return candidate
-    known = ", ".join(preset_names()) or f"none found in {PRESET_DIR}"
+    known = ", ".join(presets_in(folder)) or f"none found in {folder}"
     raise ValueError(f"preset: unknown preset {name!r} (known: {known}; or a path to a .toml)")
+
+
+def preset_names() -> list[str]:
+    return presets_in(PRESET_DIR)
+
+
+def preset_path(name: str) -> Path:
+    """A sweep preset name (``tay``) or a path to a TOML file."""
+    return find_preset(name, PRESET_DIR)
 
 
 def _tuple_of(section: str, key: str, value: Any, kind: type) -> tuple:
@@ -221,6 +241,28 @@ def with_overrides(
     )
 
 
+TINY_ENV = "EFFATTN_SWEEP_TINY"  # set (to anything but "" or "0"): every sweep runs tiny()
+
+
+def tiny(spec: SweepSpec) -> SweepSpec:
+    """The same sweep at toy sizes, for the tests that run every command the README shows:
+    each grid's two smallest N divided by 16 (at least 16), B=1, H=2, D=16, one thread (two
+    threads on shared, busy cores wait on each other for whole time slices), 2 rounds of 5 ms."""
+    grids = tuple(
+        dataclasses.replace(
+            g,
+            seq_lens=tuple(sorted({max(16, n // 16) for n in sorted(g.seq_lens)[:2]})),
+            batch=(1,),
+            heads=(2,),
+            head_dim=(16,),
+            threads=(1,),
+        )
+        for g in spec.grids
+    )
+    settings = dataclasses.replace(spec.settings, min_run_time_s=0.01, rounds=2, cuda_repeats=2)
+    return dataclasses.replace(spec, settings=settings, grids=grids)
+
+
 # -- expansion -------------------------------------------------------------------------------
 def resolve_device(device: str) -> str:
     if device not in DEVICES:
@@ -238,13 +280,19 @@ def _check_positive(name: str, values: tuple) -> None:
             raise ValueError(f"{name}: expected positive integers, got {v!r}")
 
 
-def expand(spec: SweepSpec, *, strict: bool) -> tuple[list[Point], list[str]]:
+def expand(
+    spec: SweepSpec, *, strict: bool, strict_device: bool | None = None
+) -> tuple[list[Point], list[str]]:
     """All points of the spec, ordered mode, then N ascending, then backend (so backends are
     interleaved and a smaller N of a curve is measured before a larger one).
 
     strict: an unknown backend raises (command line); otherwise it is left out with a message
-    (presets list backends that may not be installed yet). Returns (points, messages).
+    (presets list backends that may not be installed yet). strict_device (default: strict): a
+    device this machine lacks raises (asked for on the command line); otherwise its grid is
+    left out with a message (a preset's cuda grid on a CPU machine, even when the command line
+    replaced its backends). Returns (points, messages).
     """
+    strict_device = strict if strict_device is None else strict_device
     points: list[Point] = []
     messages: list[str] = []
     installed = set(list_backends())
@@ -262,7 +310,7 @@ def expand(spec: SweepSpec, *, strict: bool) -> tuple[list[Point], list[str]]:
             try:
                 devices.append(resolve_device(d))
             except ValueError as err:
-                if strict or d not in DEVICES:
+                if strict_device or d not in DEVICES:
                     raise
                 messages.append(f"skipping a grid of {', '.join(grid.backends)}: {err}")
         if not devices:

@@ -2,7 +2,7 @@
 
 reports/runs/<run-id>/
     env.json        python, torch and triton versions, device and CPU names, threads, git commit,
-                    the command line, the spec
+                    the command line, the spec, the load average at the start and the end
     results.jsonl   one Row per line, appended, flushed and fsync'd one at a time
 
 Several processes may append to one results file at once (``--workers``, the array tasks of
@@ -26,7 +26,7 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -65,9 +65,21 @@ class Row:
     mode: str  # fwd, fwd_bwd, step
     status: str  # one of STATUSES
     reason: str = ""  # why, for every status but ok
-    time_ms_median: float | None = None  # median of warm runs
-    time_ms_iqr: float | None = None  # interquartile range of warm runs
-    runs: int | None = None  # timed runs
+    time_ms_median: float | None = None  # median of the timed runs of all rounds, ms per call
+    time_ms_lo: float | None = None  # its 95% interval (effattn.bench.stats.median_interval)
+    time_ms_hi: float | None = None
+    time_ms_iqr: float | None = None  # interquartile range of the timed runs
+    runs: int | None = None  # timed runs (blocks of calls), all rounds
+    rounds: int | None = None  # interleaved rounds that timed this point
+    times_ms: list[list[float]] | None = None  # per round, ms per call of each timed run
+    speedup_vs_full: float | None = None  # full's time / this time: median over rounds
+    speedup_vs_full_lo: float | None = None  # its 95% interval (bootstrap over rounds)
+    speedup_vs_full_hi: float | None = None
+    speedup_vs_full_rounds: list[float] | None = None  # the ratio of each round
+    speedup_vs_sdpa: float | None = None  # sdpa's time / this time, likewise
+    speedup_vs_sdpa_lo: float | None = None
+    speedup_vs_sdpa_hi: float | None = None
+    speedup_vs_sdpa_rounds: list[float] | None = None
     peak_mem_mib: float | None = None  # peak memory above the inputs, MiB = 2**20 bytes
     flops: int | None = None  # FLOPs of one call (effattn.bench.measure)
     gflop_per_s: float | None = None  # flops / median time
@@ -198,12 +210,39 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(
+    start: Sequence[float] | None, end: Sequence[float] | None, cpus: int, threads: int
+) -> str | None:
+    """A sentence when the machine was busy with other work, else None. Busy: a 1-minute load
+    average above what the sweep leaves free plus half a core at the start
+    (``> cpus - threads + 0.5``), or above every core plus half a core at the end, when the
+    sweep's own threads count in it (``> cpus + 0.5``)."""
+    over_start = start is not None and start[0] > max(cpus - threads, 0) + 0.5
+    over_end = end is not None and end[0] > cpus + 0.5
+    if not (over_start or over_end):
+        return None
+    return (
+        f"the machine was busy: load average (1, 5, 15 min) {start} at the start, {end} at "
+        f"the end, on {cpus} CPUs with {threads} threads timing: other processes shared the "
+        "cores, so times (less so the ratios taken within rounds) are slower and noisier"
+    )
+
+
 def environment(threads: Iterable[int], spec: dict[str, Any]) -> dict[str, Any]:
     """What a reader needs to trust (or distrust) the numbers."""
     cuda = torch.cuda.is_available()
     status = _git("status", "--porcelain")
     return {
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "load_average_start": load_average(),
         "command": sys.argv,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -226,10 +265,26 @@ def write_env(run_dir: Path, env: dict[str, Any]) -> None:
     path = Path(run_dir) / ENV
     if path.exists():
         old = json.loads(path.read_text())
-        old.setdefault("resumed", []).append(
-            {k: env[k] for k in ("started_at", "command", "git_commit")}
-        )
+        keys = ("started_at", "command", "git_commit", "load_average_start")
+        old.setdefault("resumed", []).append({k: env.get(k) for k in keys})
         env = old
+    _write_json(path, env)
+
+
+def finish_env(run_dir: Path) -> list[float] | None:
+    """Record the end of this session of the run in env.json (``finished_at`` and
+    ``load_average_end``, on its latest ``resumed`` entry when it resumed); returns the load."""
+    path = Path(run_dir) / ENV
+    env = json.loads(path.read_text())
+    end = load_average()
+    session = env["resumed"][-1] if env.get("resumed") else env
+    session["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    session["load_average_end"] = end
+    _write_json(path, env)
+    return end
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(env, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)

@@ -1,0 +1,153 @@
+"""Statistics of interleaved rounds: medians, bootstrap intervals, changes between runs.
+
+A sweep measures the points of one comparison group in R rounds (effattn.bench.runner). What
+one point keeps is ``rounds``: per round, the per-call time of each timed run (a run is a block
+of calls timed together), e.g. for R = 3::
+
+    rounds = [[10.1, 10.3, 9.9], [12.0, 11.8], [10.2, 10.0, 10.4]]    # ms per call
+
+- :func:`median_interval` gives the median of all timed runs and its 95% confidence interval by
+  a two-level bootstrap: resample the R rounds with replacement, then the runs within each drawn
+  round, take the median of what was drawn; the interval is the 2.5% and 97.5% quantiles of
+  ``resamples`` such medians. Resampling rounds first keeps the load changes between rounds in
+  the interval (they are what moves a number between runs); resampling runs second keeps the
+  noise within a round.
+- A ratio (speed-up vs ``full`` or ``sdpa``) is computed per round, both times from the same
+  round (:func:`round_ratios`), and its interval is :func:`median_interval` of those R values,
+  one per round (a bootstrap over rounds).
+- :func:`change_interval` compares two measurements of the same cell (two runs): the ratio of
+  their medians, with a bootstrap interval drawing both sides independently.
+
+An interval is *unstable* (:func:`is_unstable`) when its half-width exceeds ``UNSTABLE_PCT``
+percent of the median: ``max(hi / median - 1, 1 - lo / median) > UNSTABLE_PCT / 100``.
+
+The bootstrap is seeded (``SEED``): the same timings always give the same interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95  # of every interval
+RESAMPLES = 2000  # bootstrap resamples
+SEED = 0  # of the bootstrap's generator
+UNSTABLE_PCT = 10.0  # an interval wider than +-10% of its median flags the cell as unstable
+# Comparing two runs (effattn.bench.compare):
+METRICS = ("time", "vs_sdpa", "vs_full")  # time, and the speed-ups vs sdpa and vs full
+NOISE_PCT = 5.0  # a change smaller than this is noise, significant or not
+TOLERANCE_PCT = 10.0  # agreement: two medians within +-10% of each other
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A median and its confidence interval (lo <= median <= hi, same unit)."""
+
+    median: float
+    lo: float
+    hi: float
+
+    @property
+    def half_width_pct(self) -> float:
+        """The larger side of the interval, in percent of the median."""
+        if self.median == 0:
+            return 0.0
+        return 100 * max(self.hi / self.median - 1, 1 - self.lo / self.median)
+
+    def holds(self, value: float) -> bool:
+        return self.lo <= value <= self.hi
+
+
+def _check_rounds(rounds: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    arrays = [np.asarray(r, dtype=float) for r in rounds]
+    if not arrays or any(a.size == 0 for a in arrays):
+        raise ValueError(f"rounds: expected one or more non-empty rounds, got {list(rounds)!r}")
+    if any(not np.isfinite(a).all() for a in arrays):
+        raise ValueError("rounds: expected finite values, got NaN or inf")
+    return arrays
+
+
+def _bootstrap_medians(arrays: list[np.ndarray], rng: np.random.Generator, resamples: int):
+    """``resamples`` medians of two-level resamples (rounds, then values within each round)."""
+    sizes = np.array([a.size for a in arrays])
+    width = int(sizes.max())
+    table = np.full((len(arrays), width), np.nan)  # (R, max runs), NaN-padded
+    for i, a in enumerate(arrays):
+        table[i, : a.size] = a
+    picked = rng.integers(0, len(arrays), size=(resamples, len(arrays)))  # (S, R) rounds
+    n = sizes[picked][..., None]  # (S, R, 1) runs of each drawn round
+    within = np.floor(rng.random((resamples, len(arrays), width)) * n).astype(int)
+    values = table[picked[..., None], within]  # (S, R, width)
+    values = np.where(np.arange(width) < n, values, np.nan)  # only n draws from a round of n
+    return np.nanmedian(values.reshape(resamples, -1), axis=1)  # (S,)
+
+
+def _quantiles(medians: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(medians, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def median_interval(
+    rounds: Sequence[Sequence[float]],
+    *,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """The median of every value of every round, with its bootstrap interval (see the module
+    docstring). One value per round is a plain bootstrap over rounds."""
+    arrays = _check_rounds(rounds)
+    median = float(np.median(np.concatenate(arrays)))
+    medians = _bootstrap_medians(arrays, np.random.default_rng(seed), resamples)
+    lo, hi = _quantiles(medians, confidence)
+    return Interval(median, min(lo, median), max(hi, median))
+
+
+def round_medians(rounds: Sequence[Sequence[float]]) -> list[float]:
+    """The median of each round."""
+    return [float(np.median(a)) for a in _check_rounds(rounds)]
+
+
+def round_ratios(
+    numerator: Sequence[Sequence[float] | None], denominator: Sequence[Sequence[float] | None]
+) -> list[float]:
+    """Per round, median(numerator) / median(denominator), both from that round; a round that
+    either side lacks (None or empty) is left out. ``speed-up vs full = round_ratios(full, x)``.
+    """
+    if len(numerator) != len(denominator):
+        raise ValueError(
+            f"rounds: expected the same rounds on both sides, got {len(numerator)} and "
+            f"{len(denominator)}"
+        )
+    ratios = []
+    for a, b in zip(numerator, denominator, strict=True):
+        if a is not None and b is not None and len(a) and len(b):
+            ratios.append(float(np.median(a)) / float(np.median(b)))
+    return ratios
+
+
+def change_interval(
+    before: Sequence[Sequence[float]],
+    after: Sequence[Sequence[float]],
+    *,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """median(after) / median(before) with a bootstrap interval: each side resampled on its own
+    (two levels, as :func:`median_interval`), the interval taken over the ratios of the pairs.
+    1 inside the interval: no significant change at this confidence."""
+    a, b = _check_rounds(before), _check_rounds(after)
+    rng = np.random.default_rng(seed)
+    ratios = _bootstrap_medians(b, rng, resamples) / _bootstrap_medians(a, rng, resamples)
+    median = float(np.median(np.concatenate(b)) / np.median(np.concatenate(a)))
+    lo, hi = _quantiles(ratios, confidence)
+    return Interval(median, min(lo, median), max(hi, median))
+
+
+def is_unstable(interval: Interval | None, threshold_pct: float = UNSTABLE_PCT) -> bool:
+    """True when the interval is wider than ``threshold_pct`` percent of its median."""
+    return interval is not None and interval.half_width_pct > threshold_pct

@@ -1,0 +1,131 @@
+"""effattn.bench.stats on synthetic timings with a known truth: the intervals cover the true
+median and the true ratio at about the stated rate, a wide interval is flagged unstable, a
+change between two runs is found when there is one and not when there is none. Also the
+efficiency length (effattn.bench.report.efficiency_length)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from effattn.bench import stats
+from effattn.bench.report import efficiency_length
+from effattn.bench.runner import sweep_warnings, unstable_cells
+
+ROUNDS = 5  # the tay preset's
+
+
+def _timings(
+    rng: np.random.Generator, median: float, *, load: np.ndarray, runs: int, noise: float
+) -> list[list[float]]:
+    """Per round, ``runs`` per-call times: median x round load x lognormal noise."""
+    return [list(median * f * np.exp(rng.normal(0, noise, runs))) for f in load]
+
+
+def test_median_interval_covers_the_true_median_at_about_95_percent():
+    rng = np.random.default_rng(1)
+    trials, held = 300, 0
+    for _ in range(trials):  # the load of each round moves every run of that round
+        load = np.exp(rng.normal(0, 0.05, ROUNDS))
+        interval = stats.median_interval(_timings(rng, 10.0, load=load, runs=8, noise=0.02))
+        assert interval.lo <= interval.median <= interval.hi
+        held += interval.holds(10.0)
+    assert 0.85 <= held / trials <= 0.995
+
+
+def test_ratio_per_round_covers_the_true_ratio_at_about_95_percent():
+    """Backend a costs 2x baseline b; each round's load hits both (they are timed seconds
+    apart), so the ratio taken within rounds cancels it; its interval covers 2 about 95% of
+    the time, and it is far narrower than the ratio of the two medians would suggest."""
+    rng = np.random.default_rng(2)
+    trials, held, widths = 300, 0, []
+    for _ in range(trials):
+        load = np.exp(rng.normal(0, 0.2, ROUNDS))  # large load changes between rounds
+        a = _timings(rng, 20.0, load=load, runs=6, noise=0.02)
+        b = _timings(rng, 10.0, load=load, runs=6, noise=0.02)
+        ratios = stats.round_ratios(a, b)
+        assert len(ratios) == ROUNDS
+        interval = stats.median_interval([[r] for r in ratios])
+        held += interval.holds(2.0)
+        widths.append(interval.half_width_pct)
+    assert 0.85 <= held / trials <= 0.995
+    assert np.median(widths) < 5  # the load, +-20% a round, cancels
+
+
+def test_round_ratios_skip_rounds_a_side_lacks():
+    assert stats.round_ratios([[2.0], None, [6.0]], [[1.0], [1.0], []]) == [2.0]
+    with pytest.raises(ValueError, match="same rounds on both sides, got 1 and 2"):
+        stats.round_ratios([[1.0]], [[1.0], [1.0]])
+
+
+def test_bad_rounds_are_refused():
+    with pytest.raises(ValueError, match="non-empty rounds"):
+        stats.median_interval([])
+    with pytest.raises(ValueError, match="non-empty rounds"):
+        stats.median_interval([[1.0], []])
+    with pytest.raises(ValueError, match="finite"):
+        stats.median_interval([[1.0, float("nan")]])
+
+
+def test_the_interval_is_reproducible_and_one_round_is_a_plain_bootstrap():
+    rounds = [[1.0, 1.1, 0.9], [1.2, 1.0]]
+    assert stats.median_interval(rounds) == stats.median_interval(rounds)
+    single = stats.median_interval([[3.0]])
+    assert (single.median, single.lo, single.hi) == (3.0, 3.0, 3.0)
+
+
+def test_unstable_cells_are_flagged_and_warned_about():
+    rng = np.random.default_rng(3)
+    steady = stats.median_interval(_timings(rng, 10, load=np.ones(ROUNDS), runs=8, noise=0.01))
+    shaky = stats.median_interval(
+        _timings(rng, 10, load=np.exp(rng.normal(0, 0.5, ROUNDS)), runs=8, noise=0.3)
+    )
+    assert not stats.is_unstable(steady) and steady.half_width_pct < 2
+    assert stats.is_unstable(shaky) and shaky.half_width_pct > stats.UNSTABLE_PCT
+
+    def row(label: str, interval: stats.Interval) -> dict:
+        return {
+            "status": "ok", "mode": "fwd", "causal": False, "label": label, "n": 1024,
+            "time_ms_median": interval.median, "time_ms_lo": interval.lo,
+            "time_ms_hi": interval.hi,
+        }  # fmt: skip
+
+    rows = [row("steady", steady), row("shaky", shaky), {"status": "oom"}]
+    (cell,) = unstable_cells(rows)
+    assert cell[0].startswith("fwd shaky N=1024: time ±")
+    env = {"cpu_count": 2, "threads": [2]}
+    warnings = sweep_warnings(rows, [0.1, 0.1, 0.1], [2.1, 1.0, 0.5], env)
+    assert len(warnings) == 2 and "1 of 2 cells look unstable" in warnings[0]
+    assert "fwd shaky N=1024" in warnings[1]
+    busy = sweep_warnings(rows[:1], [1.6, 1.0, 0.5], [3.0, 1.0, 0.5], env)
+    assert busy and "the machine was busy" in busy[0] and "[1.6, 1.0, 0.5]" in busy[0]
+
+
+def test_change_interval_finds_a_change_and_only_a_change():
+    rng = np.random.default_rng(4)
+    load = np.exp(rng.normal(0, 0.03, ROUNDS))
+    a = _timings(rng, 10, load=load, runs=8, noise=0.02)
+    same = stats.change_interval(a, a)
+    assert same.median == 1.0 and same.holds(1.0)
+    slower = stats.change_interval(a, [[2 * t for t in r] for r in a])
+    assert slower.median == pytest.approx(2.0) and not slower.holds(1.0)
+    again = _timings(rng, 10, load=np.exp(rng.normal(0, 0.03, ROUNDS)), runs=8, noise=0.02)
+    assert stats.change_interval(a, again).lo < 1.1  # the same truth measured again
+
+
+@pytest.mark.parametrize(
+    ("speedups", "expected"),
+    [
+        ([0.5, 2.0], ("from", 2048.0)),  # at 1024 and 4096: log(speed-up) crosses 0 halfway
+        ([0.5, 1.0, 2.0], ("from", 2048.0)),  # not faster at 2048 (= 1): from 2048 on
+        ([2.0, 0.9, 1.5], ("from", 2048 * 2 ** (np.log(1 / 0.9) / np.log(1.5 / 0.9)))),
+        ([1.2, 1.5, 3.0], ("below", 1024.0)),  # faster at every N: from the smallest on
+        ([0.2, 0.5, 0.9], ("none", None)),  # never faster in range
+        ([0.5, 2.0, 0.8], ("none", None)),  # slower again at the largest N
+    ],
+)
+def test_efficiency_length(speedups: list[float], expected: tuple):
+    ns = [1024, 4096] if len(speedups) == 2 else [1024, 2048, 4096]
+    kind, n = efficiency_length(ns, speedups)
+    assert kind == expected[0]
+    assert n == (None if expected[1] is None else pytest.approx(expected[1]))
