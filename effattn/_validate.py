@@ -92,3 +92,15 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale}")
     return float(scale)
+
+
+def check_int_option(backend: str, option: str, value: object, low: int = 1) -> None:
+    """A backend option that must be an int >= ``low`` (a bool is not one)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{backend}: option {option!r} expected an int >= {low}, got {value!r}")
+
+
+def check_seed_option(backend: str, seed: object) -> None:
+    """A backend's ``seed`` option: an int in [0, 2**63), what torch.Generator takes."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{backend}: option 'seed' expected an int in [0, 2**63), got {seed!r}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from effattn._validate import check_int_option
 from effattn.backend import Backend
 from effattn.backends.kernelized.features import elu_features
 from effattn.backends.kernelized.product import kernel_attention, kernel_flops, kernel_matrix
@@ -46,9 +47,7 @@ class LinearAttention(Backend):
     description = "linear attention, phi(x) = elu(x) + 1: phi(Q)(phi(K)^T V); scale unused"
 
     def __post_init__(self) -> None:
-        value = self.chunk_size
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"linear: option 'chunk_size' expected an int >= 1, got {value!r}")
+        check_int_option("linear", "chunk_size", self.chunk_size)
 
     def forward(
         self,

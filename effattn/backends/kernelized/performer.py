@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from effattn._validate import check_int_option, check_seed_option
 from effattn.backend import Backend
 from effattn.backends.kernelized.features import (
     favor_key_logits,
@@ -61,14 +62,9 @@ class PerformerAttention(Backend):
     description = "Performer FAVOR+: positive orthogonal random features, phi(Q)(phi(K)^T V)"
 
     def __post_init__(self) -> None:
-        for name in ("num_features", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"performer: option {name!r} expected an int >= 1, got {value!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(
-                f"performer: option 'seed' expected an int in [0, 2**63), got {self.seed!r}"
-            )
+        check_int_option("performer", "num_features", self.num_features)
+        check_int_option("performer", "chunk_size", self.chunk_size)
+        check_seed_option("performer", self.seed)
 
     def features(
         self, head_dim: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effattn._validate import check_int_option, check_seed_option
 from effattn.backend import Backend
 from effattn.backends.lowrank.projections import (
     gaussian_projection,
@@ -71,17 +72,13 @@ class LinformerAttention(Backend):
     description = "Linformer: keys, values projected along N to k rows (seeded E, F or means)"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"linformer: option 'rank' expected an int >= 1, got {self.rank!r}")
+        check_int_option("linformer", "rank", self.rank)
         if self.projection not in ("gaussian", "mean"):
             raise ValueError(
                 f"linformer: option 'projection' expected 'gaussian' or 'mean', "
                 f"got {self.projection!r}"
             )
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(
-                f"linformer: option 'seed' expected an int in [0, 2**63), got {self.seed!r}"
-            )
+        check_seed_option("linformer", self.seed)
 
     def projections(
         self,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effattn._validate import check_int_option
 from effattn.backend import Backend
 from effattn.backends.lowrank.pinv import iterative_pinv
 from effattn.backends.lowrank.projections import segment_means
@@ -59,9 +60,7 @@ class NystromAttention(Backend):
     description = "Nystromformer: segment-mean landmarks, iterative pseudo-inverse"
 
     def __post_init__(self) -> None:
-        value = self.landmarks
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"nystrom: option 'landmarks' expected an int >= 1, got {value!r}")
+        check_int_option("nystrom", "landmarks", self.landmarks)
         iters = self.pinv_iterations
         if iters is not None and (
             not isinstance(iters, int) or isinstance(iters, bool) or iters < 0

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effattn._validate import validate_key_padding_mask, validate_qkv
+from effattn._validate import check_int_option, validate_key_padding_mask, validate_qkv
 from effattn.backend import Backend, Pattern
 from effattn.backends.lsh.hashing import (
     ChunkLayout,
@@ -71,10 +71,8 @@ class LSHAttention(Backend):
     description = "Reformer LSH attention: hash, sort, attend within chunks, n_hashes rounds"
 
     def __post_init__(self) -> None:
-        for name in ("bucket_size", "n_hashes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"lsh: option {name!r} expected an int >= 1, got {value!r}")
+        check_int_option("lsh", "bucket_size", self.bucket_size)
+        check_int_option("lsh", "n_hashes", self.n_hashes)
         nb = self.n_buckets
         if nb is not None and (not isinstance(nb, int) or nb < 2 or nb % 2):
             raise ValueError(
