@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from effattn.bench.report import read_runs
 from effattn.bench.store import RESULTS, ResultsFile
 from effattn.quality import report
 from effattn.quality.__main__ import main
@@ -124,7 +125,7 @@ def test_budget_failures_become_cells(tmp_path: Path, settings, status, words):
     (row,) = ResultsFile(tmp_path / RESULTS).read()
     assert row["status"] == status, row["reason"]
     assert words in row["reason"] and row["test_acc"] is None
-    table = report.summarize(report.load_rows([tmp_path]))
+    table = report.summarize(read_runs([tmp_path]))
     assert table["seeds"].tolist() == [0] and table["failed"].tolist() == [status]
 
 

@@ -62,25 +62,33 @@ def resolve_run(path: Path | str) -> Path:
     raise FileNotFoundError(f"run: expected a run folder with {RESULTS} or a run id, got {path}")
 
 
-def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
-    """All rows of the runs, one per point (the last row of a key wins), with derived columns."""
+def read_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
+    """The rows of the runs (run folders, results files or run ids under reports/runs/) as
+    they are, one per key (the last row of a key wins), with ``run`` and ``run_dir`` first."""
     frames = []
     for path in paths:
         results = resolve_run(path)
         rows = ResultsFile(results).read()
         if not rows:
             raise ValueError(f"run: {results} holds no rows yet")
-        if "task" in rows[0] and "mode" not in rows[0]:
-            raise ValueError(
-                f"run: {results.parent} is a run of `effattn quality`, not a sweep: its report "
-                f"is `effattn quality --report-only --run-id {results.parent.name} "
-                f"--out {results.parent.parent} --report PREFIX`"
-            )
         frame = pd.DataFrame(rows).drop_duplicates("key", keep="last")
         frame.insert(0, "run", results.parent.name)
         frame.insert(1, "run_dir", str(results.parent))
         frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
+    """All rows of the runs, one per point (the last row of a key wins), with derived columns."""
+    frame = read_runs(paths)
+    not_sweeps = frame["mode"].isna() if "mode" in frame else pd.Series(True, frame.index)
+    if not_sweeps.any():
+        run_dir = Path(frame.loc[not_sweeps, "run_dir"].iloc[0])
+        raise ValueError(
+            f"run: {run_dir} is a run of `effattn quality`, not a sweep: its report "
+            f"is `effattn quality --report-only --run-id {run_dir.name} "
+            f"--out {run_dir.parent} --report PREFIX`"
+        )
     for median, stem in INTERVALS.items():
         for column in (median, f"{stem}_lo", f"{stem}_hi"):
             if column not in frame:

@@ -187,7 +187,8 @@ def preset_path(name: str) -> Path:
     return find_preset(name, PRESET_DIR)
 
 
-def _tuple_of(section: str, key: str, value: Any, kind: type) -> tuple:
+def tuple_of(section: str, key: str, value: Any, kind: type) -> tuple:
+    """A preset value (one or a list) as a tuple of ``kind``; ValueError naming section.key."""
     values = value if isinstance(value, list) else [value]
     for v in values:
         if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
@@ -218,7 +219,7 @@ def load_preset(name: str) -> SweepSpec:
                 f"preset {path}: {section} has unknown axes {sorted(set(raw) - set(grid_types))}"
             )
         axes = {
-            key: _tuple_of(section, key, value, type(grid_types[key][0]))
+            key: tuple_of(section, key, value, type(grid_types[key][0]))
             for key, value in raw.items()
         }
         grids.append(Grid(**axes))

@@ -106,6 +106,7 @@ def _spec(args: argparse.Namespace) -> tuple[Any, bool]:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the quality spec; then the summary table, report and plots asked for."""
+    from effattn.bench.report import read_runs
     from effattn.quality import report, runner
     from effattn.quality.spec import expand
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         runner.prepare_run_dir(run_dir, args.fresh)
         runner.run_quality(spec, run_dir)
-    frame = report.load_rows([run_dir])
+    frame = read_runs([run_dir])
     notes = args.notes.read_text() if args.notes is not None else None
     if args.report is not None:
         for path in report.write_report(frame, args.report, notes):

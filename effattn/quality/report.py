@@ -2,7 +2,6 @@
 memory of the same training runs, and an explanation of the order of the backends written
 from the measured numbers.
 
-load_rows(runs)    -> one DataFrame, a row per trained point (the last row of a key wins).
 summarize(frame)   -> a row per (task, N, backend label, direction): accuracy over the ok
                       seeds (mean, min, max, count), steps/s, peak memory (and both vs full of
                       the same task, N and direction), pair and FLOP fractions, reach.
@@ -15,13 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from effattn.bench.report import fmt_number, resolve_run
-from effattn.bench.store import ENV, ResultsFile
+from effattn.bench.report import fmt_number
+from effattn.bench.store import ENV
 from effattn.registry import backend_class
 
 # Long Range Arena (Tay et al. 2020), Table 1, ListOps accuracy (%), for backends with a row
@@ -67,21 +65,6 @@ MECHANISM = {
         "single out one key among many"
     ),
 }
-
-
-def load_rows(runs: Iterable[Path | str]) -> pd.DataFrame:
-    """Every row of the runs (run folders, results files or run ids under reports/runs/)."""
-    frames = []
-    for run in runs:
-        path = resolve_run(run)
-        rows = ResultsFile(path).read()
-        if not rows:
-            raise ValueError(f"run: {path} holds no rows yet")
-        frame = pd.DataFrame(rows).drop_duplicates("key", keep="last")
-        frame.insert(0, "run", path.parent.name)
-        frame.insert(1, "run_dir", str(path.parent))
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:

@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from effattn.bench.spec import BackendSpec, find_preset, parse_backend_spec, presets_in
+from effattn.bench.spec import (
+    BackendSpec,
+    find_preset,
+    parse_backend_spec,
+    presets_in,
+    tuple_of,
+)
 from effattn.quality.model import ModelConfig
 from effattn.quality.tasks import make_task, task_class
 from effattn.registry import backend_class
@@ -173,14 +179,6 @@ def _table(path: Path, section: str, raw: Any, cls: type) -> Any:
     return cls(**raw)
 
 
-def _list(section: str, key: str, value: Any, kind: type) -> tuple:
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise ValueError(f"{section}.{key}: expected {kind.__name__} values, got {v!r}")
-    return tuple(values)
-
-
 def load_preset(name: str) -> QualitySpec:
     """Read a preset file into a QualitySpec (its grids are checked by :func:`expand`)."""
     path = preset_path(name)
@@ -207,11 +205,11 @@ def load_preset(name: str) -> QualitySpec:
         grids.append(
             Grid(
                 task=raw["task"],
-                seq_lens=_list(section, "seq_lens", raw["seq_lens"], int),
-                backends=_list(section, "backends", raw["backends"], str),
+                seq_lens=tuple_of(section, "seq_lens", raw["seq_lens"], int),
+                backends=tuple_of(section, "backends", raw["backends"], str),
                 task_options=tuple(sorted(raw.get("task_options", {}).items())),
-                causal=_list(section, "causal", raw.get("causal", [False]), bool),
-                seeds=_list(section, "seeds", raw.get("seeds", [0]), int),
+                causal=tuple_of(section, "causal", raw.get("causal", [False]), bool),
+                seeds=tuple_of(section, "seeds", raw.get("seeds", [0]), int),
                 train=tuple(sorted(overrides.items())),
             )
         )
