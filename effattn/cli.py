@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what changed between two runs, significant or noise, and how well they agree",
         description="Compare RUN_B with RUN_A cell by cell: the change in time and in speed-up "
         "vs sdpa and vs full, each with its 95%% bootstrap interval; a summary line per metric; "
-        "the share of cells that agree within --tolerance and that run A's interval holds.",
+        "the share of cells that agree within --tolerance and that run A's repeat interval holds.",
     )
     comp.add_argument("run_a", type=Path, metavar="RUN_A", help="the baseline run (folder or id)")
     comp.add_argument("run_b", type=Path, metavar="RUN_B", help="the run compared with it")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from effattn.bench import plots, report
+from effattn.bench import plots, report, stats
 from effattn.bench.spec import Point
 from effattn.bench.store import RESULTS, ResultsFile, Row
 from effattn.cli import main
@@ -71,6 +71,8 @@ def test_tidy_frame_has_relative_columns(tmp_path: Path):
     assert row["speedup_vs_full"].item() == pytest.approx(4 * 1.01)  # the row's own ratio
     assert row["speedup_vs_full_ci_pct"].item() == pytest.approx(100 * 0.03 / 1.01)
     assert row["time_ci_pct"].item() == pytest.approx(3.0)
+    factor = stats.repeat_factor(5)  # the repeat interval of 5 rounds, on a log scale
+    assert row["time_repeat_pct"].item() == pytest.approx(100 * (1 - 0.97**factor))
     assert not row["unstable"].item()
     assert row["mem_vs_full"].item() == pytest.approx(2 / 128)
     assert row["noise_pct"].item() == pytest.approx(100 * 0.5 / 10)
@@ -79,6 +81,7 @@ def test_tidy_frame_has_relative_columns(tmp_path: Path):
     assert full["speedup_vs_sdpa"].item() == pytest.approx(10 / 40)
     unstable = frame[(frame["label"] == "sdpa") & (frame["n"] == 4096) & (frame["mode"] == "fwd")]
     assert unstable["unstable"].item() and unstable["time_ci_pct"].item() == pytest.approx(20)
+    assert unstable["time_repeat_pct"].item() == pytest.approx(100 * (1 - 0.8**factor))
 
 
 def test_scaling_exponent_is_the_log_log_slope():
@@ -93,8 +96,8 @@ def test_tay_table_cells_and_columns(tmp_path: Path):
     fwd = sections[0]
     speed = fwd.speed.set_index("backend")
     assert list(speed.index[:2]) == ["full", "sdpa"]
-    assert speed.loc["sdpa", "N=2048"] == "10 ±3% (4x ±3%)"  # the 95% intervals, compact
-    assert speed.loc["sdpa", "N=4096"] == "20 ±20%! (8.1x ±3%)"  # wider than 10%: unstable
+    assert speed.loc["sdpa", "N=2048"] == "10 ±7% (4x ±7%)"  # the 95% repeat intervals
+    assert speed.loc["sdpa", "N=4096"] == "20 ±39%! (8.1x ±7%)"  # wider than 15%: unstable
     assert speed.loc["full", "N=2048"] == "40 (1x)"  # no interval recorded: none shown
     assert speed.loc["sdpa", "faster than full from N"] == "≤1024"
     assert speed.loc["full", "faster than full from N"] == ""

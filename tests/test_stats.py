@@ -52,6 +52,42 @@ def test_ratio_per_round_covers_the_true_ratio_at_about_95_percent():
     assert np.median(widths) < 5  # the load, +-20% a round, cancels
 
 
+@pytest.mark.parametrize("rounds", [5, 10])
+def test_repeat_interval_holds_a_second_runs_median_at_about_95_percent(rounds):
+    """Two runs of the same cell under the same conditions: run A's 95% repeat interval holds
+    run B's median about 95% of the time, its 95% confidence interval far less often (it is for
+    the true median, and B's median varies as much as A's)."""
+    rng = np.random.default_rng(4 + rounds)
+    trials, held_repeat, held_ci = 400, 0, 0
+    for _ in range(trials):
+        a, b = (
+            _timings(rng, 10.0, load=np.exp(rng.normal(0, 0.05, rounds)), runs=4, noise=0.02)
+            for _ in range(2)
+        )
+        ci = stats.median_interval(a)
+        repeat = stats.repeat_interval(ci, rounds)
+        assert repeat.lo < ci.lo <= ci.median <= ci.hi < repeat.hi
+        b_median = float(np.median(np.concatenate(b)))
+        held_repeat += repeat.holds(b_median)
+        held_ci += ci.holds(b_median)
+    assert 0.9 <= held_repeat / trials <= 0.995
+    assert held_ci / trials < 0.88
+
+
+def test_t_quantile_and_repeat_factor():
+    for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (9, 2.262), (30, 2.042)]:
+        assert stats.t_quantile(0.975, df) == pytest.approx(t, rel=0.002)
+    assert stats.repeat_factor(1) is None
+    assert stats.repeat_interval(stats.Interval(1, 1, 1), 1) is None
+    expected = 2**0.5 * (10 / 9) ** 0.5 * 2.262 / 1.96  # sqrt(2R / (R - 1)) t(R - 1) / z
+    assert stats.repeat_factor(10) == pytest.approx(expected, rel=1e-3)
+    assert stats.repeat_factor(1000) == pytest.approx(2**0.5, rel=0.01)  # many rounds: sqrt(2)
+    widened = stats.Interval(2.0, 1.0, 4.0).widened(2.0)  # log scale: x / 2 -> x / 4
+    assert (widened.lo, widened.hi) == pytest.approx((0.5, 8.0))
+    with pytest.raises(ValueError, match="df >= 1"):
+        stats.t_quantile(0.975, 0)
+
+
 def test_round_ratios_skip_rounds_a_side_lacks():
     assert stats.round_ratios([[2.0], None, [6.0]], [[1.0], [1.0], []]) == [2.0]
     with pytest.raises(ValueError, match="same rounds on both sides, got 1 and 2"):
@@ -87,7 +123,7 @@ def test_unstable_cells_are_flagged_and_warned_about():
         return {
             "status": "ok", "mode": "fwd", "causal": False, "label": label, "n": 1024,
             "time_ms_median": interval.median, "time_ms_lo": interval.lo,
-            "time_ms_hi": interval.hi,
+            "time_ms_hi": interval.hi, "rounds": ROUNDS,
         }  # fmt: skip
 
     rows = [row("steady", steady), row("shaky", shaky), {"status": "oom"}]

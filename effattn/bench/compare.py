@@ -17,10 +17,10 @@ never called significant.
 
 Agreement, the check that two runs of the same commit repeat (:func:`agreement`): the share of
 cells whose two medians are within ``tolerance_pct`` of each other, and the share whose run-A
-95% interval holds run B's median. For the second, note that even two runs of identical
-conditions put B's median inside A's 95% confidence interval only about 83% of the time with
-many rounds, since B's median varies as much as A's (the interval is for the true median, not
-for another run's estimate of it); an exact test of the two runs is the change interval above.
+95% repeat interval (effattn.bench.stats.repeat_interval, the ``±`` of the tables) holds run
+B's median: about 95% when the intervals are honest. (Run A's 95% *confidence* interval would
+hold it only about 83% of the time even then: it is for the true median, and B's median varies
+as much as A's.)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pandas as pd
 from effattn.bench import stats
 from effattn.bench.report import SECTION, fmt_number, resolve_run, section_title
 from effattn.bench.stats import METRICS, NOISE_PCT, TOLERANCE_PCT
-from effattn.bench.store import ResultsFile
+from effattn.bench.store import ResultsFile, repeat_intervals
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Change:
 
     a: float  # run A's median
     b: float  # run B's median
-    a_interval: stats.Interval | None  # run A's 95% interval (None: the row has none)
+    a_interval: stats.Interval | None  # run A's 95% repeat interval (None: the row has none)
     ratio: stats.Interval | None  # b / a with its 95% interval (None: no timings kept)
     significant: bool  # the interval excludes 1 and |b / a - 1| >= the noise threshold
 
@@ -78,17 +78,10 @@ def _rows(run: Path | str) -> tuple[str, dict[str, dict[str, Any]]]:
     return path.parent.name, rows
 
 
-def _interval(row: dict[str, Any], stem: str, median: str) -> stats.Interval | None:
-    lo, hi = row.get(f"{stem}_lo"), row.get(f"{stem}_hi")
-    if lo is None or hi is None:
-        return None
-    return stats.Interval(row[median], lo, hi)
-
-
 def _change(a: dict[str, Any], b: dict[str, Any], metric: str, noise_pct: float) -> Change | None:
     if metric == "time":
-        median, stem, samples = "time_ms_median", "time_ms", "times_ms"
-        rounds_a, rounds_b = a.get(samples), b.get(samples)
+        median, stem = "time_ms_median", "time_ms"
+        rounds_a, rounds_b = a.get("times_ms"), b.get("times_ms")
     else:
         median = stem = f"speedup_{metric}"
         rounds_a = [[x] for x in a.get(f"{stem}_rounds") or []]
@@ -100,7 +93,8 @@ def _change(a: dict[str, Any], b: dict[str, Any], metric: str, noise_pct: float)
         ratio = stats.change_interval(rounds_a, rounds_b)
     value = b[median] / a[median]
     significant = ratio is not None and not ratio.holds(1.0) and abs(100 * (value - 1)) >= noise_pct
-    return Change(a[median], b[median], _interval(a, stem, median), ratio, significant)
+    a_interval = repeat_intervals(a).get(stem)
+    return Change(a[median], b[median], a_interval, ratio, significant)
 
 
 def compare_runs(
@@ -129,7 +123,7 @@ class Agreement:
     metric: str
     cells: int  # cells with the metric in both runs (baselines against themselves left out)
     within: int  # medians within the tolerance of each other
-    held: int  # run A's interval holds run B's median
+    held: int  # run A's repeat interval holds run B's median
     with_interval: int  # cells where run A has an interval
 
 
@@ -261,5 +255,6 @@ def agreement_text(found: Agreement, tolerance_pct: float = TOLERANCE_PCT) -> st
 
     return (
         f"{_NAMES[found.metric]}: within ±{tolerance_pct:g}% in {pct(found.within, found.cells)}; "
-        f"run A's interval holds run B's median in {pct(found.held, found.with_interval)}"
+        f"run A's 95% repeat interval holds run B's median in "
+        f"{pct(found.held, found.with_interval)}"
     )

@@ -75,7 +75,8 @@ def plot_time(frame: pd.DataFrame) -> Figure:
     for label, rows in _curves(frame):
         (line,) = ax.plot(rows["n"], rows["time_ms_median"], marker="o", label=label)
         _band(ax, rows, line.get_color(), "time_ms", "time_ms_median")
-    _log_axes(ax, "time_ms_median (band: 95% interval)", _section_title(frame), _ns(frame))
+    axis = "time_ms_median (band: 95% confidence interval)"
+    _log_axes(ax, axis, _section_title(frame), _ns(frame))
     return fig
 
 
@@ -95,7 +96,8 @@ def plot_speedup(frame: pd.DataFrame) -> Figure:
         (line,) = ax.plot(rows["n"], rows["speedup_vs_full"], marker="o", label=label)
         _band(ax, rows, line.get_color(), "speedup_vs_full", "speedup_vs_full")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    _log_axes(ax, "speed-up vs full (x; band: 95% interval)", _section_title(frame), _ns(frame))
+    axis = "speed-up vs full (x; band: 95% confidence interval)"
+    _log_axes(ax, axis, _section_title(frame), _ns(frame))
     return fig
 
 

@@ -2,7 +2,9 @@
 
 load_runs(...)   -> one tidy DataFrame, a row per measured point, with derived columns:
                     noise_pct (100 * IQR / median), time_ci_pct and speedup_vs_*_ci_pct (the
-                    half-width of each 95% interval in % of its median), unstable (one of them
+                    half-width of each 95% confidence interval in % of its median),
+                    time_repeat_pct and speedup_vs_*_repeat_pct (the same of each 95% repeat
+                    interval: where a second run's median lands), unstable (a repeat interval
                     wider than effattn.bench.stats.UNSTABLE_PCT), mem_vs_full (this / full's).
                     speedup_vs_full and speedup_vs_sdpa are the rows' own (median over rounds of
                     the baseline's time / this time, both from the same round); rows of a run
@@ -15,8 +17,9 @@ tay_tables(...)  -> per section (mode, dtype, device, causal, B, H, D, threads):
 render_*/write_report: Markdown, CSV (the tidy frame), LaTeX, a self-contained HTML page.
 
 A speed cell reads ``61.3 ±1% (3.2x ±2%)``: the median time in ms, then the speed-up vs full;
-each ``±`` is the half-width of its 95% interval in % of the median (effattn.bench.stats); a
-``!`` after it marks an interval wider than ±UNSTABLE_PCT% (the cell is unstable).
+each ``±`` is the half-width of its 95% repeat interval in % of the median: a second run of the
+same sweep puts its median there 95% of the time (effattn.bench.stats.repeat_interval); a ``!``
+after it marks an interval wider than ±UNSTABLE_PCT% (the cell is unstable).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pandas as pd
 from effattn.backend import Backend
 from effattn.bench.spec import BASELINES, parse_backend_spec
 from effattn.bench.stats import UNSTABLE_PCT
-from effattn.bench.store import ENV, RESULTS, ResultsFile
+from effattn.bench.store import ENV, INTERVALS, RESULTS, ResultsFile, repeat_intervals
 from effattn.registry import backend_class
 
 DEFAULT_RUNS = Path("reports") / "runs"
@@ -42,11 +45,6 @@ FIDELITY_COLUMN = "cosine, real model (N=512)"  # from `effattn fidelity` (repor
 SECTION = ["mode", "dtype", "device", "causal", "batch", "heads", "head_dim", "threads"]
 STATUS_TEXT = {"oom": "OOM", "timeout": "timeout", "unsupported": "n/a", "skipped": "skipped"}
 BASELINE = "full"  # the first row of every table; speed-ups and memory are relative to it
-INTERVALS = {  # a median column -> the stem of its interval columns (<stem>_lo, <stem>_hi)
-    "time_ms_median": "time_ms",
-    "speedup_vs_full": "speedup_vs_full",
-    "speedup_vs_sdpa": "speedup_vs_sdpa",
-}
 # Kept in results.jsonl, left out of the CSV: the timings themselves, per round.
 RAW_COLUMNS = ["key", "times_ms", "speedup_vs_full_rounds", "speedup_vs_sdpa_rounds"]
 
@@ -89,12 +87,12 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
             f"is `effattn quality --report-only --run-id {run_dir.name} "
             f"--out {run_dir.parent} --report PREFIX`"
         )
-    for median, stem in INTERVALS.items():
+    for stem, median in INTERVALS.items():
         for column in (median, f"{stem}_lo", f"{stem}_hi"):
             if column not in frame:
                 frame[column] = np.nan
     frame = frame.astype(
-        {c: float for m, s in INTERVALS.items() for c in (m, f"{s}_lo", f"{s}_hi")}
+        {c: float for s, m in INTERVALS.items() for c in (m, f"{s}_lo", f"{s}_hi")}
     )
     ok = frame["status"] == "ok"
     frame["noise_pct"] = (100 * frame["time_ms_iqr"] / frame["time_ms_median"]).where(ok)
@@ -111,11 +109,16 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
     base = base.drop_duplicates(["run", *SECTION, "n"])
     frame = frame.merge(base, on=["run", *SECTION, "n"], how="left", suffixes=("", "_full"))
     frame["mem_vs_full"] = frame["peak_mem_mib"] / frame["peak_mem_mib_full"]
+    repeats = [repeat_intervals(r) if r["status"] == "ok" else {} for _, r in frame.iterrows()]
     widths = []
-    for median, stem in INTERVALS.items():
-        width = _half_width_pct(frame[median], frame[f"{stem}_lo"], frame[f"{stem}_hi"])
-        frame[f"{stem.replace('_ms', '')}_ci_pct"] = width
-        widths.append(width > UNSTABLE_PCT)
+    for stem, median in INTERVALS.items():
+        name = stem.replace("_ms", "")
+        frame[f"{name}_ci_pct"] = _half_width_pct(
+            frame[median], frame[f"{stem}_lo"], frame[f"{stem}_hi"]
+        )
+        width = [r[stem].half_width_pct if stem in r else np.nan for r in repeats]
+        frame[f"{name}_repeat_pct"] = pd.Series(width, index=frame.index, dtype=float)
+        widths.append(frame[f"{name}_repeat_pct"] > UNSTABLE_PCT)
     frame["unstable"] = np.logical_or.reduce(widths) & ok
     return frame.drop(columns=["peak_mem_mib_full"])
 
@@ -223,8 +226,8 @@ def fmt_number(value: float, digits: int = 3) -> str:
 
 
 def _pm(width: float) -> str:
-    """`` ±3%`` for an interval's half-width in %, ``!`` after it when unstable; nothing for an
-    interval narrower than 0.5% (a baseline against itself) or none at all."""
+    """`` ±3%`` for a repeat interval's half-width in %, ``!`` after it when unstable; nothing
+    for an interval narrower than 0.5% (a baseline against itself) or none at all."""
     if pd.isna(width) or width < 0.5:
         return ""
     return f" ±{width:.0f}%" + ("!" if width > UNSTABLE_PCT else "")
@@ -239,11 +242,13 @@ def _cell(row: pd.Series, kind: str) -> str:
         return f"{fmt_number(row['peak_mem_mib'])}{tail}"
     if kind == "vs_sdpa":
         rel = row["speedup_vs_sdpa"]
-        return "" if pd.isna(rel) else f"{fmt_number(rel, 2)}x{_pm(row['speedup_vs_sdpa_ci_pct'])}"
+        pm = _pm(row["speedup_vs_sdpa_repeat_pct"])
+        return "" if pd.isna(rel) else f"{fmt_number(rel, 2)}x{pm}"
     rel = row["speedup_vs_full"]
-    tail = "" if pd.isna(rel) else f" ({fmt_number(rel, 2)}x{_pm(row['speedup_vs_full_ci_pct'])})"
+    pm = _pm(row["speedup_vs_full_repeat_pct"])
+    tail = "" if pd.isna(rel) else f" ({fmt_number(rel, 2)}x{pm})"
     value = row["steps_per_s"] if row["mode"] == "step" else row["time_ms_median"]
-    return f"{fmt_number(value)}{_pm(row['time_ci_pct'])}{tail}"
+    return f"{fmt_number(value)}{_pm(row['time_repeat_pct'])}{tail}"
 
 
 @dataclass(frozen=True)
@@ -340,7 +345,7 @@ def tay_tables(frame: pd.DataFrame, cosines: dict[Backend, str] | None = None) -
 def _speed_caption(title: str) -> str:
     value = "steps_per_s" if title.startswith("encoder training step") else "time_ms_median"
     return (
-        f"{value} ±CI (speed-up vs full ±CI): the median over the timed runs of every "
+        f"{value} ± (speed-up vs full ±): the median over the timed runs of every "
         "interleaved round, and full's time / this time taken per round" + _CI
     )
 
@@ -350,12 +355,14 @@ _CI = (
     "attention is diffuse (a worst case for sparse patterns; it ranks little); "
     f"`{FIDELITY_COLUMN}`: sentence-embedding cosine against exact attention inside "
     "all-MiniLM-L6-v2 on real text, mean (min) over documents (`effattn fidelity`)"
-    "; ±CI = the half-width of the 95% bootstrap interval, in % of the median; ! = wider than "
-    f"±{UNSTABLE_PCT:g}% (unstable); `faster than full from N`: the efficiency length, from "
-    "which N on it stays faster (interpolated log-log between measured N)"
+    "; ± = the half-width of the 95% repeat interval, in % of the median: where a second run "
+    "of the sweep puts its median, 95% of the time (the bootstrap confidence interval over "
+    "rounds, widened for the second run's own spread and for the few rounds; the CSV has both)"
+    f"; ! = wider than ±{UNSTABLE_PCT:g}% (unstable); `faster than full from N`: the "
+    "efficiency length, from which N on it stays faster (interpolated log-log between measured N)"
 )
 VS_SDPA_CAPTION = (
-    "speed-up vs sdpa ±CI: sdpa's time / this time, taken per interleaved round (median over "
+    "speed-up vs sdpa ±: sdpa's time / this time, taken per interleaved round (median over "
     "rounds)" + _CI.replace("full from", "sdpa from")
 )
 

@@ -62,6 +62,7 @@ from effattn.bench.store import (
     busy_warning,
     environment,
     finish_env,
+    repeat_intervals,
     write_env,
 )
 from effattn.bench.worker import group_main, load_plugins
@@ -487,19 +488,15 @@ _SHORT = {"time_ms": "time", "speedup_vs_full": "vs full", "speedup_vs_sdpa": "v
 
 
 def unstable_cells(rows: Sequence[Row | dict[str, Any]]) -> list[tuple[str, float]]:
-    """(description, widest half-width in %) of each ok row whose time or speed-up interval is
-    wider than effattn.bench.stats.UNSTABLE_PCT percent of its median."""
+    """(description, widest half-width in %) of each ok row whose time or speed-up repeat
+    interval (effattn.bench.store.repeat_intervals) is wider than
+    effattn.bench.stats.UNSTABLE_PCT percent of its median."""
     found = []
     for row in rows:
         r = row if isinstance(row, dict) else dataclasses.asdict(row)
         if r["status"] != "ok":
             continue
-        widths = {}
-        for name in ("time_ms", "speedup_vs_full", "speedup_vs_sdpa"):
-            median = r.get("time_ms_median" if name == "time_ms" else name)
-            lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
-            if median is not None and lo is not None and hi is not None:
-                widths[name] = stats.Interval(median, lo, hi).half_width_pct
+        widths = {k: i.half_width_pct for k, i in repeat_intervals(r).items()}
         wide = {k: w for k, w in widths.items() if w > stats.UNSTABLE_PCT}
         if wide:
             what = ", ".join(f"{_SHORT[k]} ±{w:.0f}%" for k, w in wide.items())
@@ -531,7 +528,7 @@ def sweep_warnings(
         ok = sum(1 for r in rows if (r if isinstance(r, dict) else dataclasses.asdict(r))
                  ["status"] == "ok")  # fmt: skip
         warnings.append(
-            f"warning: {len(cells)} of {ok} cells look unstable: a 95% interval wider than "
+            f"warning: {len(cells)} of {ok} cells look unstable: a 95% repeat interval wider than "
             f"±{stats.UNSTABLE_PCT:g}% of its median (marked ! in the tables). Rerun on a quieter "
             "machine, or with more --rounds or a longer --min-run-time:"
         )

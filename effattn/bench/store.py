@@ -26,7 +26,7 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from effattn.bench import stats
 from effattn.bench.spec import Point
 
 try:
@@ -44,6 +45,11 @@ except ImportError:  # Windows: no flock; one writer per results file there
 RESULTS = "results.jsonl"
 ENV = "env.json"
 STATUSES = ("ok", "unsupported", "oom", "timeout", "crashed", "skipped")
+INTERVALS = {  # the stem of a row's interval columns (<stem>_lo, <stem>_hi) -> its median column
+    "time_ms": "time_ms_median",
+    "speedup_vs_full": "speedup_vs_full",
+    "speedup_vs_sdpa": "speedup_vs_sdpa",
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,30 @@ class Row:
             **fields,
             **{k: v for k, v in measured.items() if k in known},
         )
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)  # NaN
+
+
+def repeat_intervals(row: Mapping[str, Any]) -> dict[str, stats.Interval]:
+    """The 95% repeat interval (effattn.bench.stats.repeat_interval) of each interval a row
+    holds, by stem (INTERVALS): where a second run's median of that cell lands. The rounds are
+    the row's, or for a ratio the rounds both sides measured. A row as a dict, or a pandas
+    row (NaN for a missing value)."""
+    found = {}
+    for stem, median in INTERVALS.items():
+        values = row.get(median), row.get(f"{stem}_lo"), row.get(f"{stem}_hi")
+        if not all(_present(v) for v in values):
+            continue
+        per_round = row.get(f"{stem}_rounds")
+        rounds = len(per_round) if isinstance(per_round, list) else row.get("rounds")
+        if not _present(rounds):
+            continue
+        interval = stats.repeat_interval(stats.Interval(*map(float, values)), int(rounds))
+        if interval is not None:
+            found[stem] = interval
+    return found
 
 
 class ResultsFile:
