@@ -2,7 +2,7 @@
 
     effattn list
     effattn sweep [PRESET] [--backends full sdpa local:window=256] [--seq-lens 1024 2048] ...
-                  [--rounds R] [--workers N] [--executor submitit --partition P ...]
+                  [--rounds R] [--passes P] [--workers N] [--executor submitit --partition P ...]
     effattn report RUN... [--merge] [--format md csv tex html] [--out PREFIX] [--fidelity CSV]
     effattn plot RUN... [--out DIR]
     effattn compare RUN_A RUN_B [--fail-on-regression PCT] [--out FILE.md]
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="R",
         help="interleaved rounds per comparison group (each times every backend once)",
+    )
+    sweep.add_argument(
+        "--passes",
+        type=positive_int,
+        metavar="P",
+        help="passes through the sweep's groups that share out each group's rounds (at most R; "
+        "more passes: a load lasting minutes touches fewer rounds of each group)",
     )
     sweep.add_argument("--plugin", nargs="+", default=[], metavar="FILE.py",
                        help="Python files that register extra backends")  # fmt: skip
@@ -266,9 +273,12 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[Any, bool]:
             ("mem_limit_mib", args.mem_limit),
             ("min_run_time_s", args.min_run_time),
             ("rounds", args.rounds),
+            ("passes", args.passes),
         )
         if value is not None
     }
+    if args.rounds is not None and args.passes is None:  # the preset's passes, at most R
+        settings["passes"] = min(spec.settings.passes, args.rounds)
     overridden = bool(axes or settings or args.plugin)
     spec = with_overrides(spec, axes, settings, tuple(args.plugin))
     if os.environ.get(TINY_ENV, "") not in ("", "0"):

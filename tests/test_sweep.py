@@ -58,9 +58,11 @@ def test_smoke_preset_end_to_end(tmp_path: Path):
         assert key in env
 
 
-def test_out_of_memory_becomes_a_cell_and_cuts_larger_n(tmp_path: Path):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_out_of_memory_becomes_a_cell_and_cuts_larger_n(tmp_path: Path, passes: int):
+    """With 2 passes, N=2048's oom is written after the first pass, before N=4096 starts."""
     grid = dataclasses.replace(TINY, seq_lens=(2048, 4096), heads=(4,))
-    spec = SweepSpec("oom", dataclasses.replace(FAST, mem_limit_mib=8), (grid,))
+    spec = SweepSpec("oom", dataclasses.replace(FAST, mem_limit_mib=8, passes=passes), (grid,))
     run_sweep(spec, tmp_path)
     by_n = {r["n"]: r for r in _rows(tmp_path)}
     assert by_n[2048]["status"] == "oom", by_n[2048]["reason"]
@@ -199,16 +201,16 @@ class SlowLog(FullAttention):
 """
 
 
-def _slow_sweep(tmp_path: Path) -> tuple[list[str], Path]:
-    """A sweep of two groups (N=32, N=64) of full, sdpa and a slow logging backend, 4 rounds,
-    as a command line; returns it and the call log."""
+def _slow_sweep(tmp_path: Path, passes: int = 1) -> tuple[list[str], Path]:
+    """A sweep of two groups (N=32, N=64) of full, sdpa and a slow logging backend, 4 rounds
+    in ``passes`` passes, as a command line; returns it and the call log."""
     log = tmp_path / "calls.log"
     plugin = tmp_path / "slowlog.py"
     plugin.write_text(_SLOW.format(log=str(log)))
     preset = tmp_path / "slow.toml"
     preset.write_text(
         f'plugins = ["{plugin}"]\n'
-        "[settings]\nmin_run_time_s = 0.2\nrounds = 4\n"
+        f"[settings]\nmin_run_time_s = 0.2\nrounds = 4\npasses = {passes}\n"
         '[[grid]]\nbackends = ["full", "sdpa", "slowlog"]\nseq_lens = [32, 64]\nheads = [1]\n'
         'head_dim = [8]\ndevice = ["cpu"]\nthreads = [1]\n'
     )
@@ -238,6 +240,52 @@ def test_killed_in_the_middle_of_a_round_resumes_without_duplicate_or_loss(tmp_p
     assert len(keys) == len(set(keys)) == 6
     assert after[:3] == before  # finished rows kept as they were
     assert all(r["status"] == "ok" and r["rounds"] == 4 for r in after)
+
+
+def _runs_of_n(log: Path) -> list[tuple[int, int]]:
+    """The logged calls as (N, calls in a row) runs: which group's worker was calling."""
+    runs: list[tuple[int, int]] = []
+    for n in map(int, log.read_text().split()) if log.exists() else ():
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
+
+
+def test_passes_share_out_the_rounds_and_resume_after_a_kill(tmp_path: Path):
+    """2 passes of 2 rounds: N=32's group, N=64's, then each again (a fresh worker); killed
+    in N=64's second pass, the sweep has written nothing of N=64 and resumes it whole."""
+    command, log = _slow_sweep(tmp_path, passes=2)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        runs = _runs_of_n(log)
+        if len(runs) == 4 and runs[-1][1] >= 3:  # set-up and a round of N=64's second pass
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [n for n, _ in _runs_of_n(log)] == [32, 64, 32, 64]
+    before = _rows(tmp_path / "r")
+    assert {r["n"] for r in before} == {32} and len(before) == 3
+    assert all(r["rounds"] == 4 and len(r["speedup_vs_sdpa_rounds"]) == 4 for r in before)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "pass 2/2" in done.stderr
+    after = _rows(tmp_path / "r")
+    assert len({r["key"] for r in after}) == len(after) == 6
+    assert after[:3] == before
+    assert all(r["status"] == "ok" and r["rounds"] == 4 for r in after)
+
+
+def test_passes_are_checked():
+    with pytest.raises(
+        ValueError, match=r"settings.passes: expected an integer from 1 to rounds \(2\), got 3"
+    ):
+        Settings(rounds=2, passes=3)
+    assert [list(r) for r in Settings(rounds=5, passes=2).pass_rounds()] == [[0, 1, 2], [3, 4]]
 
 
 def test_a_group_missing_some_rows_times_its_baselines_again_as_references(tmp_path: Path):

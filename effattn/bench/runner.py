@@ -11,6 +11,16 @@ effattn.bench.spec.expand):
   then ``settings.rounds`` rounds, each timing every point once in a fresh shuffled order
   (:func:`round_schedule`), then memory and error.
 
+Passes (``settings.passes`` P > 1): the rounds are shared out over P passes through the sweep's
+groups (10 rounds in 3 passes: rounds 0-3 of every group, then 4-6 of every group, then 7-9),
+each pass of a group in a fresh worker (set-up and warm-up again), memory and error in the
+last. A disturbance of the machine that lasts a minute or two then lands on a few rounds of
+many groups, which their medians over rounds shrug off, rather than on every round of one
+group, which moves its cells (two runs of the tay preset disagreed by up to 30% that way).
+A point that fails is final: its row is written at the end of its pass, so that it cuts the
+larger N of its curve in the same pass; the other rows of a group are written after its last
+pass (a kill loses the group's earlier passes, never a row).
+
 Why one worker per group, not one per point and round: a group's points share their inputs and
 their warm-up, a round costs no process start, warm-up or calibration, and the points of a round
 are timed seconds apart, so a ratio taken within a round sees one machine load. The guarantees
@@ -223,6 +233,10 @@ class GroupRun:
         self.failed: dict[str, tuple[str, str]] = {}  # key -> (status, reason)
         self.fields: dict[str, dict[str, Any]] = {}  # key -> memory, flops, error, device
         self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
+        self.passes = spec.settings.pass_rounds()
+        self.pass_index = 0  # the pass being measured (settings.passes)
+        self.active_s = 0.0  # seconds of the passes before this one
+        self.written: set[str] = set()  # keys whose rows the caller has taken (failed_rows)
         self.started = time.monotonic()
         self.phase = ""  # what the worker said it is doing: "lsh round 2/5"
         self.current: str | None = None
@@ -232,21 +246,62 @@ class GroupRun:
 
     @property
     def finished(self) -> bool:
+        """The current pass is done (and with it the group, when :attr:`last_pass`)."""
         return self.worker is None
 
+    @property
+    def last_pass(self) -> bool:
+        return self.pass_index == len(self.passes) - 1
+
+    def _todo(self) -> list[tuple[int, str]]:
+        """The (round, key) measurements of the current pass not yet heard, in order."""
+        rounds = self.passes[self.pass_index]
+        return [(r, k) for r, k in self.schedule
+                if r in rounds and k not in self.failed and self.times[k][r] is None]  # fmt: skip
+
     def _left(self) -> list[Point]:
-        return [p for p in self.all if p.key not in self.failed and p.key not in self.fields]
+        """The points the current pass still has to measure: timings, and in the last pass
+        memory and error."""
+        todo = {k for _, k in self._todo()}
+        return [
+            p
+            for p in self.all
+            if p.key not in self.failed
+            and (p.key in todo or (self.last_pass and p.key not in self.fields))
+        ]
 
     def _launch(self) -> None:
         left = self._left()
         if not left:
             self.worker = None
             return
-        todo = [(r, k) for r, k in self.schedule
-                if k not in self.failed and self.times[k][r] is None]  # fmt: skip
-        args = (left, self.spec.settings, list(self.spec.plugins), todo, self.log, self.gpu)
+        settings, plugins = self.spec.settings, list(self.spec.plugins)
+        args = (left, settings, plugins, self._todo(), self.log, self.gpu, self.last_pass)
         self.worker = RunningWorker.start_target(self, group_main, args, self.limit_s, self.log)
         self._switch(left[0].key)  # the start of a worker counts against its first point
+
+    def next_pass(self, skipped: dict[str, str] | None = None) -> bool:
+        """Start the next pass (a fresh worker) after a pass that is not the last; ``skipped``:
+        points to drop first, with the reason (a smaller N of their curve ran out of budget in
+        the meantime). False when the pass has nothing to measure (the group is then done if
+        it was the last)."""
+        self.active_s += time.monotonic() - self.started
+        self.pass_index += 1
+        for key, reason in (skipped or {}).items():
+            self.failed.setdefault(key, ("skipped", reason))
+        self.started = self.since = time.monotonic()
+        self._launch()
+        return not self.finished
+
+    def failed_rows(self) -> list[Row]:
+        """The rows of ``points`` that failed and were not taken yet (each row once)."""
+        rows = []
+        for point in self.points:
+            if point.key in self.failed and point.key not in self.written:
+                status, reason = self.failed[point.key]
+                rows.append(Row.make(point, status, reason, wall_s=round(self.spent[point.key], 3)))
+                self.written.add(point.key)
+        return rows
 
     def _switch(self, key: str | None) -> None:
         now = time.monotonic()
@@ -312,14 +367,18 @@ class GroupRun:
         return self.finished
 
     def wall_s(self) -> float:
-        return time.monotonic() - self.started
+        """Seconds the group's workers ran, over its passes so far."""
+        return self.active_s + time.monotonic() - self.started
 
     def rows(self) -> list[Row]:
-        """The rows of ``points`` (not of the references), once :attr:`finished`."""
+        """The rows of ``points`` (not of the references) not taken yet, once the last pass
+        is :attr:`finished`."""
         baselines = {p.label: p.key for p in self.all if p.label in BASELINES}
         rows = []
         for point in self.points:
             wall = round(self.spent[point.key], 3)
+            if point.key in self.written:
+                continue
             if point.key in self.failed:
                 status, reason = self.failed[point.key]
                 rows.append(Row.make(point, status, reason, wall_s=wall))
@@ -598,11 +657,23 @@ def measure_points(
     held: dict[str, tuple[list[Point], dict[str, Row]]] = {}  # group -> its points, rows held
 
     def finish(key: str, rows: list[Row]) -> None:
-        """Record a group's rows, measured or not, in the order of its points."""
+        """Record a group's rows, measured or not, in the order of its points (those not
+        recorded at the end of an earlier pass)."""
         group, kept = held.pop(key)
         by_key = {**kept, **{row.key: row for row in rows}}
         for point in group:
-            record(by_key[point.key])
+            if point.key not in done:
+                record(by_key[point.key])
+
+    def record_failed(key: str, run: GroupRun) -> None:
+        """After a pass that is not the last: record the rows of the points that failed in it
+        (final, and a failure that cuts larger N must be known before they run)."""
+        group, kept = held[key]
+        failed = {row.key: row for row in run.failed_rows()}
+        for point in group:
+            row = kept.get(point.key) or failed.get(point.key)
+            if row is not None and point.key not in done:
+                record(row)
 
     def start(key: str, gpu: str | None) -> GroupRun | None:
         group = groups.pop(key)
@@ -624,17 +695,49 @@ def measure_points(
         names = ", ".join(p.label for p in todo)
         extra = f" (+ {', '.join(p.label for p in refs)} as references)" if refs else ""
         head = dataclasses.replace(todo[0], backend="*", options=())
-        progress.show(f"{head.describe()}: {names}{extra}, {rounds} rounds")
+        progress.show(f"{head.describe()}: {names}{extra}, {rounds} rounds{_pass_text(0)}")
         return GroupRun(todo, refs, spec, run_dir / WORKER_LOG, gpu)
 
-    while groups or running:
+    def resume(run: GroupRun) -> GroupRun | None:
+        """The group's next pass, or None when it has nothing left to measure."""
+        key = run.points[0].group_key
+        skipped = {}
+        for point in run.points:
+            if point.key not in run.failed and (why := _cut_off(point, done)):
+                skipped[point.key] = why
+        if run.next_pass(skipped):
+            head = dataclasses.replace(run.points[0], backend="*", options=())
+            progress.show(f"{head.describe()}{_pass_text(run.pass_index)}")
+            return run
+        if run.last_pass:
+            finish(key, run.rows())
+        else:
+            record_failed(key, run)
+            later.append(run)
+        return None
+
+    def _pass_text(index: int) -> str:
+        return f", pass {index + 1}/{passes}" if passes > 1 else ""
+
+    passes = spec.settings.passes
+    queue: list[tuple[str, GroupRun | None]] = [(key, None) for key in groups]
+    later: list[GroupRun] = []  # groups waiting for the next pass
+    while queue or running or later:
+        if not queue and not running:  # a pass through every group is done: the next one
+            queue, later = [(run.points[0].group_key, run) for run in later], []
         busy = set().union(*(curves[run.points[0].group_key] for run in running.values()))
         for slot in (i for i in range(len(slots)) if i not in running):
             while True:
-                key = next((k for k in groups if not curves[k] & busy), None)
-                if key is None:
+                item = next((it for it in queue if not curves[it[0]] & busy), None)
+                if item is None:
                     break
-                run = start(key, slots[slot])
+                queue.remove(item)
+                key, earlier = item
+                if earlier is None:
+                    run = start(key, slots[slot])
+                else:
+                    earlier.gpu = slots[slot]
+                    run = resume(earlier)
                 if run is not None:
                     running[slot] = run
                     busy |= curves[key]
@@ -651,9 +754,14 @@ def measure_points(
                     progress.show(run.phase)
                 continue
             del running[slot]
-            progress.measured_s += run.wall_s()
-            progress.measured += len(run.points)
-            finish(run.points[0].group_key, run.rows())
+            key = run.points[0].group_key
+            if run.last_pass:
+                progress.measured_s += run.wall_s()
+                progress.measured += len(run.points)
+                finish(key, run.rows())
+            else:
+                record_failed(key, run)
+                later.append(run)
     return results.path
 
 

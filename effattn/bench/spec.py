@@ -77,6 +77,7 @@ class Settings:
     min_run_time_s: float = 0.5  # timed seconds per point (CPU), split evenly over the rounds
     cuda_repeats: int = 20  # timed runs (blocks) per point on CUDA, split over the rounds
     rounds: int = 5  # interleaved rounds: each times every point of a comparison group once
+    passes: int = 1  # the rounds of every group split over this many passes through the sweep
     error_max_n: int = 4096  # approximate backends: error vs float64 full up to this N
     step_layers: int = 2  # mode "step": encoder layers (d_model = heads * head_dim)
     step_ffn_mult: int = 2  # mode "step": feed-forward width = step_ffn_mult * d_model
@@ -88,6 +89,24 @@ class Settings:
                 raise ValueError(f"settings.{name}: expected a positive number, got {value!r}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
             raise ValueError(f"settings.rounds: expected a positive integer, got {self.rounds!r}")
+        passes = self.passes
+        whole = isinstance(passes, int) and not isinstance(passes, bool)
+        if not whole or not 1 <= passes <= self.rounds:
+            raise ValueError(
+                f"settings.passes: expected an integer from 1 to rounds ({self.rounds}), "
+                f"got {passes!r}"
+            )
+
+    def pass_rounds(self) -> list[range]:
+        """The rounds of each pass: ``rounds`` cut into ``passes`` contiguous runs, the longer
+        first (10 rounds in 3 passes: 0-3, 4-6, 7-9)."""
+        size, longer = divmod(self.rounds, self.passes)
+        passes, start = [], 0
+        for i in range(self.passes):
+            stop = start + size + (i < longer)
+            passes.append(range(start, stop))
+            start = stop
+        return passes
 
 
 @dataclass(frozen=True)
@@ -260,7 +279,13 @@ def tiny(spec: SweepSpec) -> SweepSpec:
         )
         for g in spec.grids
     )
-    settings = dataclasses.replace(spec.settings, min_run_time_s=0.01, rounds=2, cuda_repeats=2)
+    settings = dataclasses.replace(
+        spec.settings,
+        min_run_time_s=0.01,
+        rounds=2,
+        passes=min(spec.settings.passes, 2),
+        cuda_repeats=2,
+    )
     return dataclasses.replace(spec, settings=settings, grids=grids)
 
 

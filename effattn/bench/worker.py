@@ -14,7 +14,8 @@ of (round, point) measurements made by the parent (effattn.bench.runner). It:
    seconds (CPU) or ``cuda_repeats / rounds`` blocks (CUDA); the rounds are interleaved, each
    in its own shuffled order, so a change of machine load lands on every point of a round;
 4. measures each point's peak memory (effattn.bench.meters), and for approximate backends the
-   error against float64 ``full`` (one reference for the whole group).
+   error against float64 ``full`` (one reference for the whole group); with ``settings.passes``
+   > 1 a group has a worker per pass, and only the last pass's worker does this.
 
 Every step that can fail runs under a memory cap: on CPU the soft RLIMIT_AS is set to the
 address space the worker holds plus ``settings.mem_limit_mib`` (Linux/macOS; an allocation
@@ -162,11 +163,13 @@ def group_main(
     schedule: list[tuple[int, str]],
     log: Path | None = None,
     gpu: str | None = None,
+    finish_points: bool = True,
 ) -> None:
     """Process target: set up ``points`` (one comparison group), time them following
-    ``schedule`` ((round, point key) pairs, in order), then measure their memory and error,
-    reporting over ``conn`` as described in the module docstring. stdout and stderr go to
-    ``log`` (appended) when given; ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins the one GPU."""
+    ``schedule`` ((round, point key) pairs, in order), then measure their memory and error
+    (unless ``finish_points`` is False: a pass before the last), reporting over ``conn`` as
+    described in the module docstring. stdout and stderr go to ``log`` (appended) when given;
+    ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins the one GPU."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is initialised in this process
     first = points[0]
@@ -219,7 +222,7 @@ def group_main(
         )
         if times is not None:
             conn.send(("round", key, r, times))
-    for key in list(ready):
+    for key in list(ready) if finish_points else ():
         point, fn, _ = ready.pop(key)
 
         def finish(point: Point = point, fn: Callable[[], object] = fn) -> dict[str, Any]:
