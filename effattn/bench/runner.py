@@ -235,12 +235,11 @@ class GroupRun:
         self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
         self.passes = spec.settings.pass_rounds()
         self.pass_index = 0  # the pass being measured (settings.passes)
-        self.active_s = 0.0  # seconds of the passes before this one
         self.written: set[str] = set()  # keys whose rows the caller has taken (failed_rows)
-        self.started = time.monotonic()
+        self.accounted_s = 0.0  # of wall_s(), what the caller's progress counted already
         self.phase = ""  # what the worker said it is doing: "lsh round 2/5"
         self.current: str | None = None
-        self.since = self.started
+        self.since = time.monotonic()
         self.worker: RunningWorker | None = None
         self._launch()
 
@@ -285,11 +284,9 @@ class GroupRun:
         points to drop first, with the reason (a smaller N of their curve ran out of budget in
         the meantime). False when the pass has nothing to measure (the group is then done if
         it was the last)."""
-        self.active_s += time.monotonic() - self.started
         self.pass_index += 1
         for key, reason in (skipped or {}).items():
             self.failed.setdefault(key, ("skipped", reason))
-        self.started = self.since = time.monotonic()
         self._launch()
         return not self.finished
 
@@ -367,8 +364,9 @@ class GroupRun:
         return self.finished
 
     def wall_s(self) -> float:
-        """Seconds the group's workers ran, over its passes so far."""
-        return self.active_s + time.monotonic() - self.started
+        """Seconds the group's workers ran, over its passes so far (the time each point had
+        a worker, set-ups included)."""
+        return sum(self.spent.values())
 
     def rows(self) -> list[Row]:
         """The rows of ``points`` (not of the references) not taken yet, once the last pass
@@ -477,14 +475,22 @@ class Progress:
     # Looked up when a Progress is made, not at import (tests and callers swap sys.stderr).
     stream: TextIO = dataclasses.field(default_factory=lambda: sys.stderr)
     done: int = 0
-    measured_s: float = 0.0  # wall time of the points measured in this session
-    measured: int = 0
+    passes: int = 1  # settings.passes: the ETA counts point-passes
+    measured_s: float = 0.0  # wall time of the point-passes measured in this session
+    measured: int = 0  # point-passes measured in this session
+    partial: int = 0  # point-passes done of the points not done yet
+
+    def add_pass(self, seconds: float, points: int, last: bool) -> None:
+        """A pass of a group's ``points`` took ``seconds``; ``last``: their rows are done."""
+        self.measured_s += seconds
+        self.measured += points
+        self.partial += -points * (self.passes - 1) if last else points
 
     def show(self, text: str) -> None:
-        left = self.total - self.done
+        left = (self.total - self.done) * self.passes - self.partial
         eta = ""
         if self.measured:
-            eta = f" ETA {_duration(self.measured_s / self.measured * left)}"
+            eta = f" ETA {_duration(self.measured_s / self.measured * max(left, 0))}"
         end = "\r" if self.stream.isatty() else "\n"
         line = f"[{self.done + 1}/{self.total}]{eta} {text}"
         self.stream.write(f"{line[:150]:<150}{end}" if end == "\r" else line + end)
@@ -623,6 +629,7 @@ def measure_points(
     results = ResultsFile(run_dir / RESULTS)
     done = {row["key"]: row for row in results.read()}
     progress = Progress(len(points), sys.stderr if stream is None else stream)
+    progress.passes = spec.settings.passes
     groups: dict[str, list[Point]] = {}
     for point in points:
         if point.key in done:
@@ -709,6 +716,7 @@ def measure_points(
             head = dataclasses.replace(run.points[0], backend="*", options=())
             progress.show(f"{head.describe()}{_pass_text(run.pass_index)}")
             return run
+        progress.add_pass(0.0, len(run.points), run.last_pass)  # a pass with nothing to do
         if run.last_pass:
             finish(key, run.rows())
         else:
@@ -755,9 +763,9 @@ def measure_points(
                 continue
             del running[slot]
             key = run.points[0].group_key
+            spent, run.accounted_s = run.wall_s() - run.accounted_s, run.wall_s()
+            progress.add_pass(spent, len(run.points), run.last_pass)
             if run.last_pass:
-                progress.measured_s += run.wall_s()
-                progress.measured += len(run.points)
                 finish(key, run.rows())
             else:
                 record_failed(key, run)
