@@ -33,7 +33,7 @@ sweep: $(STAMP)
 
 # Do two back-to-back default sweeps repeat? Run 1 (reports/runs/$(SWEEP_RUN)-first), then
 # `make sweep` itself, then `effattn compare`: the share of speed-up-vs-sdpa cells that agree
-# within +-10%, and of cells whose run-1 95% interval holds run 2's median, in
+# within +-10%, and of cells whose run-1 95% repeat interval holds run 2's median, in
 # reports/$(SWEEP_RUN)-agreement.md (and on the screen).
 .PHONY: sweep-agreement
 sweep-agreement: $(STAMP)

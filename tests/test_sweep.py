@@ -315,6 +315,7 @@ def test_env_records_the_load_average_at_start_and_end(tmp_path: Path):
     env = json.loads((tmp_path / "env.json").read_text())
     assert len(env["load_average_start"]) == len(env["load_average_end"]) == 3
     assert env["finished_at"] >= env["started_at"]
+    assert env["unwritten_mib_at_start"] >= 0  # file data flushed before timing (Linux)
     run_sweep(spec, tmp_path)  # a resumed session records its own
     (resumed,) = json.loads((tmp_path / "env.json").read_text())["resumed"]
     assert len(resumed["load_average_start"]) == len(resumed["load_average_end"]) == 3

@@ -72,6 +72,7 @@ from effattn.bench.store import (
     busy_warning,
     environment,
     finish_env,
+    flush_writes,
     repeat_intervals,
     write_env,
 )
@@ -513,7 +514,8 @@ def run_sweep(
     workers: int = 1,
 ) -> Path:
     """Measure every point of ``spec`` not already in ``run_dir``; returns the results path.
-    env.json records the load average at the start and the end; at the end, warnings for a
+    Flushes pending file writes first (effattn.bench.store.flush_writes). env.json records the
+    load average at the start and the end; at the end, warnings for a
     busy machine and for the cells whose interval is too wide (effattn.bench.stats.UNSTABLE_PCT).
 
     strict, strict_device: unknown backends, missing devices raise instead of being skipped
@@ -528,7 +530,9 @@ def run_sweep(
         stream.write(message + "\n")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    unwritten = flush_writes()
     env = environment((p.threads for p in points), dataclasses.asdict(spec))
+    env["unwritten_mib_at_start"] = unwritten  # flushed to disk before timing (flush_writes)
     write_env(run_dir, env)
     started = time.monotonic()
     rows: list[Row] = []

@@ -248,6 +248,24 @@ def load_average() -> list[float] | None:
         return None
 
 
+def flush_writes() -> float | None:
+    """Write the file data the OS still holds in memory to disk (``os.sync``), before timing
+    starts; returns how much there was, MiB (Dirty + Writeback of /proc/meminfo; None off
+    Linux). A fresh install (a venv of torch) leaves hundreds of MiB to write back for minutes,
+    and while it does, page faults slow down: ``full``, which allocates an (N, N) matrix a
+    call, ran up to 2x slower in the first minutes of sweeps started right after one."""
+    pending = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        pending = sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) / 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    if hasattr(os, "sync"):
+        os.sync()
+    return None if pending is None else round(pending, 1)
+
+
 def busy_warning(
     start: Sequence[float] | None, end: Sequence[float] | None, cpus: int, threads: int
 ) -> str | None:
