@@ -78,7 +78,13 @@ def _rows(run: Path | str) -> tuple[str, dict[str, dict[str, Any]]]:
     return path.parent.name, rows
 
 
-def _change(a: dict[str, Any], b: dict[str, Any], metric: str, noise_pct: float) -> Change | None:
+def _change(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    metric: str,
+    repeats: dict[str, stats.Interval],
+    noise_pct: float,
+) -> Change | None:
     if metric == "time":
         median, stem = "time_ms_median", "time_ms"
         rounds_a, rounds_b = a.get("times_ms"), b.get("times_ms")
@@ -93,8 +99,7 @@ def _change(a: dict[str, Any], b: dict[str, Any], metric: str, noise_pct: float)
         ratio = stats.change_interval(rounds_a, rounds_b)
     value = b[median] / a[median]
     significant = ratio is not None and not ratio.holds(1.0) and abs(100 * (value - 1)) >= noise_pct
-    a_interval = repeat_intervals(a).get(stem)
-    return Change(a[median], b[median], a_interval, ratio, significant)
+    return Change(a[median], b[median], repeats.get(stem), ratio, significant)
 
 
 def compare_runs(
@@ -108,7 +113,8 @@ def compare_runs(
         a = rows_a.get(key)
         if a is None or a["status"] != "ok" or b["status"] != "ok":
             continue
-        changes = {m: c for m in METRICS if (c := _change(a, b, m, noise_pct)) is not None}
+        repeats = repeat_intervals(a)  # run A's repeat interval of each metric
+        changes = {m: c for m in METRICS if (c := _change(a, b, m, repeats, noise_pct)) is not None}
         section = section_title(tuple(b[k] for k in SECTION))
         cells.append(Cell(section, b["label"], b["n"], b["mode"], b["causal"], changes))
     if not cells:

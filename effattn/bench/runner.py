@@ -632,8 +632,8 @@ def measure_points(
     run_dir = Path(run_dir)
     results = ResultsFile(run_dir / RESULTS)
     done = {row["key"]: row for row in results.read()}
-    progress = Progress(len(points), sys.stderr if stream is None else stream)
-    progress.passes = spec.settings.passes
+    passes = spec.settings.passes
+    progress = Progress(len(points), sys.stderr if stream is None else stream, passes=passes)
     groups: dict[str, list[Point]] = {}
     for point in points:
         if point.key in done:
@@ -711,7 +711,6 @@ def measure_points(
 
     def resume(run: GroupRun) -> GroupRun | None:
         """The group's next pass, or None when it has nothing left to measure."""
-        key = run.points[0].group_key
         skipped = {}
         for point in run.points:
             if point.key not in run.failed and (why := _cut_off(point, done)):
@@ -720,18 +719,23 @@ def measure_points(
             head = dataclasses.replace(run.points[0], backend="*", options=())
             progress.show(f"{head.describe()}{_pass_text(run.pass_index)}")
             return run
-        progress.add_pass(0.0, len(run.points), run.last_pass)  # a pass with nothing to do
-        if run.last_pass:
-            finish(key, run.rows())
-        else:
-            record_failed(key, run)
-            later.append(run)
+        end_pass(run)  # a pass with nothing to do
         return None
+
+    def end_pass(run: GroupRun) -> None:
+        """Count a finished pass of ``run``; record its rows after the last pass, else its
+        failures, and queue it for the next pass."""
+        spent, run.accounted_s = run.wall_s() - run.accounted_s, run.wall_s()
+        progress.add_pass(spent, len(run.points), run.last_pass)
+        if run.last_pass:
+            finish(run.points[0].group_key, run.rows())
+        else:
+            record_failed(run.points[0].group_key, run)
+            later.append(run)
 
     def _pass_text(index: int) -> str:
         return f", pass {index + 1}/{passes}" if passes > 1 else ""
 
-    passes = spec.settings.passes
     queue: list[tuple[str, GroupRun | None]] = [(key, None) for key in groups]
     later: list[GroupRun] = []  # groups waiting for the next pass
     while queue or running or later:
@@ -766,14 +770,7 @@ def measure_points(
                     progress.show(run.phase)
                 continue
             del running[slot]
-            key = run.points[0].group_key
-            spent, run.accounted_s = run.wall_s() - run.accounted_s, run.wall_s()
-            progress.add_pass(spent, len(run.points), run.last_pass)
-            if run.last_pass:
-                finish(key, run.rows())
-            else:
-                record_failed(key, run)
-                later.append(run)
+            end_pass(run)
     return results.path
 
 
