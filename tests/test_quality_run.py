@@ -129,6 +129,21 @@ def test_budget_failures_become_cells(tmp_path: Path, settings, status, words):
     assert table["seeds"].tolist() == [0] and table["failed"].tolist() == [status]
 
 
+def test_retry_failed_trains_a_failed_point_again(tmp_path: Path):
+    run_quality(_one_point_spec(time_limit_s=0.05), tmp_path)  # the point runs out of time
+    run_quality(_one_point_spec(), tmp_path)  # a plain resume keeps the failure
+
+    def statuses() -> list[str]:
+        return [r["status"] for r in ResultsFile(tmp_path / RESULTS).read()]
+
+    assert statuses() == ["timeout"]
+    run_quality(_one_point_spec(), tmp_path, retry_failed=True)
+    assert statuses() == ["timeout", "ok"]
+    assert read_runs([tmp_path])["status"].tolist() == ["ok"]  # the last row of a key wins
+    run_quality(_one_point_spec(), tmp_path, retry_failed=True)  # nothing failed: no training
+    assert statuses() == ["timeout", "ok"]
+
+
 def test_direction_follows_what_the_backend_supports():
     spec = with_overrides(load_preset(SMOKE), tasks=("mqar",),
                           backends=("full", "xl", "bigbird:block_size=8"))  # fmt: skip

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +45,7 @@ except ImportError:  # Windows: no flock; one writer per results file there
 RESULTS = "results.jsonl"
 ENV = "env.json"
 STATUSES = ("ok", "unsupported", "oom", "timeout", "crashed", "skipped")
+RowT = TypeVar("RowT")
 INTERVALS = {  # the stem of a row's interval columns (<stem>_lo, <stem>_hi) -> its median column
     "time_ms": "time_ms_median",
     "speedup_vs_full": "speedup_vs_full",
@@ -101,10 +102,6 @@ class Row:
 
     @classmethod
     def make(cls, point: Point, status: str, reason: str = "", **measured: Any) -> Row:
-        if status not in STATUSES:
-            raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
-        fields = dataclasses.asdict(point)
-        fields["options"] = dict(point.options)
         time_ms = measured.get("time_ms_median")
         if status == "ok" and time_ms:
             seconds = time_ms / 1e3
@@ -112,17 +109,38 @@ class Row:
             measured.setdefault("tokens_per_s", point.batch * point.n / seconds)
             if measured.get("flops"):
                 measured.setdefault("gflop_per_s", measured["flops"] / seconds / 1e9)
-        known = {f.name for f in dataclasses.fields(cls)}
-        measured = {**where(), **measured}
-        return cls(
-            key=point.key,
-            label=point.label,
-            status=status,
-            reason=reason,
-            finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            **fields,
-            **{k: v for k, v in measured.items() if k in known},
-        )
+        return make_row(cls, STATUSES, point, status, reason, measured)
+
+
+def make_row(
+    cls: type[RowT],
+    statuses: Sequence[str],
+    point: Any,
+    status: str,
+    reason: str,
+    measured: Mapping[str, Any],
+) -> RowT:
+    """A result row of dataclass ``cls`` (Row, effattn.quality.runner.QualityRow): the fields of
+    ``point`` (a dataclass with ``key`` and ``label``; its option pairs as dicts), the status and
+    its reason, the time and place it was written (:func:`where`), and those of ``measured``
+    that ``cls`` has (the rest is dropped)."""
+    if status not in statuses:
+        raise ValueError(f"status: expected one of {', '.join(statuses)}, got {status!r}")
+    fields = dataclasses.asdict(point)
+    for name in fields:
+        if name == "options" or name.endswith("_options"):  # (key, value) pairs -> a dict
+            fields[name] = dict(getattr(point, name))
+    known = {f.name for f in dataclasses.fields(cls)}
+    measured = {**where(), **measured}
+    return cls(
+        key=point.key,
+        label=point.label,
+        status=status,
+        reason=reason,
+        finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **fields,
+        **{k: v for k, v in measured.items() if k in known},
+    )
 
 
 def _present(value: Any) -> bool:

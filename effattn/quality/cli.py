@@ -4,12 +4,14 @@ a preset; report accuracy beside training speed and memory.
     effattn quality [PRESET] [--tasks mqar listops] [--backends full local:window=32]
                     [--seq-lens 256] [--seeds 0 1] [--steps S] [--batch B] [--lr LR]
                     [--threads T] [--time-limit S] [--mem-limit MIB]
-                    [--out DIR] [--run-id ID] [--fresh] [--quiet]
+                    [--out DIR] [--run-id ID] [--fresh] [--retry-failed] [--quiet]
                     [--report PREFIX] [--plots DIR] [--notes FILE.md] [--report-only]
 
 Results go to OUT/RUN_ID/results.jsonl (one row per task, N, backend, direction and seed);
-running the same command again resumes. ``--report reports/quality-cpu`` writes the report
-(.md and .csv) and ``--plots reports/plots`` its charts, from every row of the run.
+running the same command again resumes (``--retry-failed``: and trains the points whose last
+row is oom, timeout or crashed again, say after a crash the machine caused).
+``--report reports/quality-cpu`` writes the report (.md and .csv) and ``--plots reports/plots``
+its charts, from every row of the run.
 Bad input (unknown task, preset, backend or backend option) raises ValueError naming it; the
 ``effattn`` command prints it as one line and exits 2.
 """
@@ -57,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", help="default: PRESET-cpu, plus a spec hash if overridden")
     parser.add_argument(
         "--fresh", action="store_true", help="set earlier results of this run id aside first"
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on resume, train the points whose last row is oom, timeout or crashed again",
     )
     parser.add_argument("--quiet", action="store_true", help="no table at the end")
     parser.add_argument(
@@ -120,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.out / run_id
     if not args.report_only:
         runner.prepare_run_dir(run_dir, args.fresh)
-        runner.run_quality(spec, run_dir)
+        runner.run_quality(spec, run_dir, retry_failed=args.retry_failed)
     frame = read_runs([run_dir])
     notes = args.notes.read_text() if args.notes is not None else None
     if args.report is not None:

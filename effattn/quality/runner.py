@@ -3,7 +3,9 @@ process of its own, one at a time (timings on shared cores would measure each ot
 appended as points finish; resumable.
 
 For each point, in the order of effattn.quality.spec.expand:
-- already in results.jsonl (same key)          -> skipped silently (resume);
+- already in results.jsonl (same key)          -> skipped silently (resume), unless
+  ``retry_failed`` and its last row failed (oom, timeout, crashed): then trained again, the new
+  row appended (readers keep the last row of a key);
 - the backend declares it cannot run the point  -> row ``unsupported`` (no worker started);
 - otherwise a worker (effattn.quality.train.worker_main, started through
   effattn.bench.runner.RunningWorker.start_target) trains it under the time limit and memory cap
@@ -19,7 +21,6 @@ notices that its forkserver is gone and stops at its next step.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from effattn.bench.store import (
     busy_warning,
     environment,
     finish_env,
-    where,
+    make_row,
     write_env,
 )
 from effattn.quality.spec import QualityPoint, QualitySpec, expand
@@ -43,6 +44,7 @@ from effattn.quality.train import worker_main
 from effattn.registry import get_backend
 
 STATUSES = ("ok", "unsupported", "oom", "timeout", "crashed")
+FAILED = ("oom", "timeout", "crashed")  # what ``retry_failed`` trains again
 
 
 @dataclass(frozen=True)
@@ -92,22 +94,7 @@ class QualityRow:
     def make(
         cls, point: QualityPoint, status: str, reason: str = "", **measured: Any
     ) -> QualityRow:
-        if status not in STATUSES:
-            raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
-        fields = dataclasses.asdict(point)
-        fields["task_options"] = dict(point.task_options)
-        fields["options"] = dict(point.options)
-        known = {f.name for f in dataclasses.fields(cls)}
-        measured = {**where(), **measured}
-        return cls(
-            key=point.key,
-            label=point.label,
-            status=status,
-            reason=reason,
-            finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            **fields,
-            **{k: v for k, v in measured.items() if k in known},
-        )
+        return make_row(cls, STATUSES, point, status, reason, measured)
 
 
 def unsupported(point: QualityPoint) -> list[str]:
@@ -130,9 +117,11 @@ def run_quality(
     *,
     stream: TextIO | None = None,  # None: sys.stderr at call time
     on_row: Callable[[QualityRow], None] | None = None,
+    retry_failed: bool = False,
 ) -> Path:
-    """Train every point of ``spec`` not already in ``run_dir``'s results; returns the results
-    path. env.json records the environment, the spec, the threads and the load average at the
+    """Train every point of ``spec`` not already in ``run_dir``'s results (with
+    ``retry_failed``, also those whose last row failed: FAILED); returns the results path.
+    env.json records the environment, the spec, the threads and the load average at the
     start and the end (a warning at the end when the machine was busy)."""
     stream = sys.stderr if stream is None else stream
     points = expand(spec)
@@ -141,7 +130,11 @@ def run_quality(
     env = environment((p.train.threads for p in points), dataclasses.asdict(spec))
     write_env(run_dir, env)
     results = ResultsFile(run_dir / RESULTS)
-    done = {row["key"] for row in results.read()}
+    last = {row["key"]: row["status"] for row in results.read()}  # the last row of a key
+    done = {key for key, status in last.items() if not (retry_failed and status in FAILED)}
+    retried = sum(p.key in last and p.key not in done for p in points)
+    if retried:
+        stream.write(f"training {retried} failed points again (--retry-failed)\n")
     progress = Progress(len(points), stream)
     progress.done = sum(p.key in done for p in points)
     started = time.monotonic()
