@@ -80,6 +80,12 @@ def test_identical_runs_show_nothing_significant(runs: dict[str, Path], capsys):
     assert "speed-up vs sdpa: within ±10% in 2 of 2 (100%)" in out
 
 
+def test_agreement_shares_are_rounded_down():
+    """95 of 106 is 89.6%: it must not read as a 90% target met."""
+    text = compare.agreement_text(compare.Agreement("vs_sdpa", 106, 95, 106, 106))
+    assert "within ±10% in 95 of 106 (89%)" in text and "in 106 of 106 (100%)" in text
+
+
 def test_a_2x_slowdown_is_flagged_and_fails_the_gate(runs: dict[str, Path], tmp_path, capsys):
     _, _, cells = compare.compare_runs(runs["a"], runs["slower"])
     for cell in cells:

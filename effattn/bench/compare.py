@@ -256,8 +256,8 @@ def render(
 
 
 def agreement_text(found: Agreement, tolerance_pct: float = TOLERANCE_PCT) -> str:
-    def pct(k: int, n: int) -> str:
-        return f"{k} of {n} ({100 * k / n:.0f}%)" if n else "no cell"
+    def pct(k: int, n: int) -> str:  # rounded down: 95 of 106 reads 89%, never a target's 90%
+        return f"{k} of {n} ({100 * k // n}%)" if n else "no cell"
 
     return (
         f"{_NAMES[found.metric]}: within ±{tolerance_pct:g}% in {pct(found.within, found.cells)}; "
