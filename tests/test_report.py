@@ -19,6 +19,15 @@ def _point(backend: str, n: int, mode: str = "fwd") -> Point:
     return Point(backend, (), n, 1, 8, 64, "float32", "cpu", False, 2, mode)
 
 
+STEADY = (0.98, 0.99, 1.0, 1.01, 1.02)  # per-round values / their median: 5 rounds
+SHAKY = (0.7, 0.85, 1.0, 1.15, 1.3)  # a repeat interval far wider than UNSTABLE_PCT
+
+
+def _repeat_pct(spread: tuple) -> float:
+    """The half-width (% of the median) of the repeat interval of rounds spread so."""
+    return stats.repeat_interval(spread, 1.0).half_width_pct
+
+
 def _write_run(folder: Path, speed: float = 1.0, modes: tuple = ("fwd", "fwd_bwd")) -> Path:
     """A run where full costs N^2 and sdpa N^1 (time and memory), sdpa OOMs at the largest N
     in fwd_bwd, and an approximate backend has an error."""
@@ -43,19 +52,23 @@ def _write_run(folder: Path, speed: float = 1.0, modes: tuple = ("fwd", "fwd_bwd
                 store.append(Row.make(_point("sdpa", n, mode), "oom", "RuntimeError: can't"))
                 continue
             median = 5 * k / speed
+            spread = STEADY if n < 4096 else SHAKY
+            ratio = 2 * k * 1.01  # the rows' own, taken per round
             store.append(
                 Row.make(
                     _point("sdpa", n, mode),
                     "ok",
                     time_ms_median=median,
-                    time_ms_lo=median * (0.97 if n < 4096 else 0.8),  # +-20% at 4096: unstable
+                    time_ms_lo=median * (0.97 if n < 4096 else 0.8),  # the bootstrap CI
                     time_ms_hi=median * 1.02,
                     time_ms_iqr=0.5,
+                    times_ms=[[median * f] for f in spread],
                     runs=5,
                     rounds=5,
-                    speedup_vs_full=2 * k * 1.01,  # the rows' own, taken per round
-                    speedup_vs_full_lo=2 * k * 0.98,
-                    speedup_vs_full_hi=2 * k * 1.04,
+                    speedup_vs_full=ratio,
+                    speedup_vs_full_lo=ratio * 0.98 / 1.01,
+                    speedup_vs_full_hi=ratio * 1.04 / 1.01,
+                    speedup_vs_full_rounds=[ratio * f for f in STEADY],
                     peak_mem_mib=1 * k,
                     flops=10**9,
                     rel_error=0.01 * k if mode == "fwd" else None,
@@ -71,8 +84,7 @@ def test_tidy_frame_has_relative_columns(tmp_path: Path):
     assert row["speedup_vs_full"].item() == pytest.approx(4 * 1.01)  # the row's own ratio
     assert row["speedup_vs_full_ci_pct"].item() == pytest.approx(100 * 0.03 / 1.01)
     assert row["time_ci_pct"].item() == pytest.approx(3.0)
-    factor = stats.repeat_factor(5)  # the repeat interval of 5 rounds, on a log scale
-    assert row["time_repeat_pct"].item() == pytest.approx(100 * (1 - 0.97**factor))
+    assert row["time_repeat_pct"].item() == pytest.approx(_repeat_pct(STEADY))
     assert not row["unstable"].item()
     assert row["mem_vs_full"].item() == pytest.approx(2 / 128)
     assert row["noise_pct"].item() == pytest.approx(100 * 0.5 / 10)
@@ -81,7 +93,7 @@ def test_tidy_frame_has_relative_columns(tmp_path: Path):
     assert full["speedup_vs_sdpa"].item() == pytest.approx(10 / 40)
     unstable = frame[(frame["label"] == "sdpa") & (frame["n"] == 4096) & (frame["mode"] == "fwd")]
     assert unstable["unstable"].item() and unstable["time_ci_pct"].item() == pytest.approx(20)
-    assert unstable["time_repeat_pct"].item() == pytest.approx(100 * (1 - 0.8**factor))
+    assert unstable["time_repeat_pct"].item() == pytest.approx(_repeat_pct(SHAKY))
 
 
 def test_scaling_exponent_is_the_log_log_slope():
@@ -96,8 +108,11 @@ def test_tay_table_cells_and_columns(tmp_path: Path):
     fwd = sections[0]
     speed = fwd.speed.set_index("backend")
     assert list(speed.index[:2]) == ["full", "sdpa"]
-    assert speed.loc["sdpa", "N=2048"] == "10 ±7% (4x ±7%)"  # the 95% repeat intervals
-    assert speed.loc["sdpa", "N=4096"] == "20 ±39%! (8.1x ±7%)"  # wider than 15%: unstable
+    steady, shaky = _repeat_pct(STEADY), _repeat_pct(SHAKY)
+    assert steady < 5 and shaky > stats.UNSTABLE_PCT
+    # the 95% repeat intervals; wider than UNSTABLE_PCT: marked unstable
+    assert speed.loc["sdpa", "N=2048"] == f"10 ±{steady:.0f}% (4x ±{steady:.0f}%)"
+    assert speed.loc["sdpa", "N=4096"] == f"20 ±{shaky:.0f}%! (8.1x ±{steady:.0f}%)"
     assert speed.loc["full", "N=2048"] == "40 (1x)"  # no interval recorded: none shown
     assert speed.loc["sdpa", "faster than full from N"] == "≤1024"
     assert speed.loc["full", "faster than full from N"] == ""

@@ -65,8 +65,8 @@ def test_repeat_interval_holds_a_second_runs_median_at_about_95_percent(rounds):
             for _ in range(2)
         )
         ci = stats.median_interval(a)
-        repeat = stats.repeat_interval(ci, rounds)
-        assert repeat.lo < ci.lo <= ci.median <= ci.hi < repeat.hi
+        repeat = stats.repeat_interval(stats.round_medians(a), ci.median)
+        assert repeat.lo < ci.median < repeat.hi
         b_median = float(np.median(np.concatenate(b)))
         held_repeat += repeat.holds(b_median)
         held_ci += ci.holds(b_median)
@@ -74,18 +74,39 @@ def test_repeat_interval_holds_a_second_runs_median_at_about_95_percent(rounds):
     assert held_ci / trials < 0.88
 
 
-def test_t_quantile_and_repeat_factor():
+def test_repeat_interval_on_heavy_tailed_rounds():
+    """Rounds as this machine gives them: some hit by a 1.5x slowdown (a fifth here). A second
+    run's median still lands in the repeat interval at least 90% of the time. (Its limit: with
+    a third of the rounds slow, the median itself jumps between the two modes from run to run,
+    and the interval holds it about 87% of the time.)"""
+    rng = np.random.default_rng(7)
+    trials, held = 400, 0
+
+    def run() -> np.ndarray:
+        slow = rng.random(10) < 0.2
+        return np.exp(rng.normal(0, 0.05, 10)) * np.where(slow, 1.5, 1.0)
+
+    for _ in range(trials):
+        a, b = run(), run()
+        held += stats.repeat_interval(a, float(np.median(a))).holds(float(np.median(b)))
+    assert 0.9 <= held / trials <= 0.995
+
+
+def test_t_quantile_and_the_repeat_interval_formula():
     for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (9, 2.262), (30, 2.042)]:
         assert stats.t_quantile(0.975, df) == pytest.approx(t, rel=0.002)
-    assert stats.repeat_factor(1) is None
-    assert stats.repeat_interval(stats.Interval(1, 1, 1), 1) is None
-    expected = 2**0.5 * (10 / 9) ** 0.5 * 2.262 / 1.96  # sqrt(2R / (R - 1)) t(R - 1) / z
-    assert stats.repeat_factor(10) == pytest.approx(expected, rel=1e-3)
-    assert stats.repeat_factor(1000) == pytest.approx(2**0.5, rel=0.01)  # many rounds: sqrt(2)
-    widened = stats.Interval(2.0, 1.0, 4.0).widened(2.0)  # log scale: x / 2 -> x / 4
-    assert (widened.lo, widened.hi) == pytest.approx((0.5, 8.0))
     with pytest.raises(ValueError, match="df >= 1"):
         stats.t_quantile(0.975, 0)
+    # per-round values 1, 2, 4: log-scale standard deviation ln 2; 3 rounds: t(2) sqrt(pi / 3)
+    interval = stats.repeat_interval([1.0, 2.0, 4.0], 2.0)
+    factor = np.exp(4.303 * np.sqrt(np.pi / 3) * np.log(2))
+    assert (interval.lo, interval.median, interval.hi) == pytest.approx(
+        (2 / factor, 2.0, 2 * factor), rel=1e-3
+    )
+    assert stats.repeat_interval([3.0, 3.0], 3.0) == stats.Interval(3.0, 3.0, 3.0)
+    assert stats.repeat_interval([1.0], 1.0) is None  # one round says nothing of the next run
+    with pytest.raises(ValueError, match="per_round: expected positive finite values"):
+        stats.repeat_interval([1.0, 0.0], 1.0)
 
 
 def test_round_ratios_skip_rounds_a_side_lacks():
@@ -112,18 +133,19 @@ def test_the_interval_is_reproducible_and_one_round_is_a_plain_bootstrap():
 
 def test_unstable_cells_are_flagged_and_warned_about():
     rng = np.random.default_rng(3)
-    steady = stats.median_interval(_timings(rng, 10, load=np.ones(ROUNDS), runs=8, noise=0.01))
-    shaky = stats.median_interval(
-        _timings(rng, 10, load=np.exp(rng.normal(0, 0.5, ROUNDS)), runs=8, noise=0.3)
-    )
-    assert not stats.is_unstable(steady) and steady.half_width_pct < 2
-    assert stats.is_unstable(shaky) and shaky.half_width_pct > stats.UNSTABLE_PCT
+    steady = _timings(rng, 10, load=np.ones(ROUNDS), runs=8, noise=0.01)
+    shaky = _timings(rng, 10, load=np.exp(rng.normal(0, 0.5, ROUNDS)), runs=8, noise=0.3)
+    for timings, unstable in ((steady, False), (shaky, True)):
+        median = float(np.median(np.concatenate(timings)))
+        interval = stats.repeat_interval(stats.round_medians(timings), median)
+        assert stats.is_unstable(interval) == unstable
+        assert (interval.half_width_pct > stats.UNSTABLE_PCT) == unstable
 
-    def row(label: str, interval: stats.Interval) -> dict:
+    def row(label: str, timings: list[list[float]]) -> dict:
         return {
             "status": "ok", "mode": "fwd", "causal": False, "label": label, "n": 1024,
-            "time_ms_median": interval.median, "time_ms_lo": interval.lo,
-            "time_ms_hi": interval.hi, "rounds": ROUNDS,
+            "time_ms_median": float(np.median(np.concatenate(timings))), "times_ms": timings,
+            "rounds": ROUNDS,
         }  # fmt: skip
 
     rows = [row("steady", steady), row("shaky", shaky), {"status": "oom"}]

@@ -356,8 +356,8 @@ _CI = (
     f"`{FIDELITY_COLUMN}`: sentence-embedding cosine against exact attention inside "
     "all-MiniLM-L6-v2 on real text, mean (min) over documents (`effattn fidelity`)"
     "; ± = the half-width of the 95% repeat interval, in % of the median: where a second run "
-    "of the sweep puts its median, 95% of the time (the bootstrap confidence interval over "
-    "rounds, widened for the second run's own spread and for the few rounds; the CSV has both)"
+    "of the sweep puts its median, 95% of the time (Student's prediction interval over the "
+    "rounds; the CSV also has the bootstrap confidence interval of the median)"
     f"; ! = wider than ±{UNSTABLE_PCT:g}% (unstable); `faster than full from N`: the "
     "efficiency length, from which N on it stays faster (interpolated log-log between measured N)"
 )

@@ -18,12 +18,12 @@ of calls timed together), e.g. for R = 3::
 - :func:`change_interval` compares two measurements of the same cell (two runs): the ratio of
   their medians, with a bootstrap interval drawing both sides independently.
 
-- :func:`repeat_interval` widens a 95% confidence interval into a 95% *repeat interval*: where
-  the median of a second run of the same cell will land. The confidence interval is for the true
-  median; a second run's median varies as much as the first's, so even under identical
-  conditions it falls inside the first run's 95% confidence interval only about 83% of the time.
-  The repeat interval is what the tables show and what two runs are checked against
-  (effattn.bench.compare).
+- :func:`repeat_interval` is the 95% *repeat interval*: where the median of a second run of the
+  same cell will land (Student's prediction interval over the rounds, on a log scale). The
+  confidence interval is for the true median; a second run's median varies as much as the
+  first's, so even under identical conditions it falls inside the first run's 95% confidence
+  interval only about 83% of the time. The repeat interval is what the tables show and what two
+  runs are checked against (effattn.bench.compare).
 
 An interval is *unstable* (:func:`is_unstable`) when its half-width exceeds ``UNSTABLE_PCT``
 percent of the median: ``max(hi / median - 1, 1 - lo / median) > UNSTABLE_PCT / 100``; the
@@ -68,14 +68,6 @@ class Interval:
 
     def holds(self, value: float) -> bool:
         return self.lo <= value <= self.hi
-
-    def widened(self, factor: float) -> Interval:
-        """Each side ``factor`` times as wide on a log scale (times and ratios are positive and
-        multiplicative), or on a linear one when a bound is not positive."""
-        m = self.median
-        if m > 0 and self.lo > 0:
-            return Interval(m, m * (self.lo / m) ** factor, m * (self.hi / m) ** factor)
-        return Interval(m, m - factor * (m - self.lo), m + factor * (self.hi - m))
 
 
 def _check_rounds(rounds: Sequence[Sequence[float]]) -> list[np.ndarray]:
@@ -185,28 +177,32 @@ def t_quantile(p: float, df: int) -> float:
     return z + sum(term / df ** (i + 1) for i, term in enumerate(terms))
 
 
-def repeat_factor(rounds: int, confidence: float = CONFIDENCE) -> float | None:
-    """How much wider a repeat interval is than the confidence interval of ``rounds`` rounds
-    (None below 2 rounds: one round says nothing of the next run's load).
+def repeat_interval(
+    per_round: Sequence[float], median: float, confidence: float = CONFIDENCE
+) -> Interval | None:
+    """Where the median of a repeat run of the same cell lands, ``confidence`` of the time:
+    Student's prediction interval for the median of R more rounds, on a log scale, around this
+    run's ``median``. ``per_round``: one value per round (a round's median time, or its ratio),
+    R >= 2 of them; None below 2 rounds (one round says nothing of the next run's load).
 
-    A bootstrap interval over R rounds is about ``z * s * sqrt((R - 1) / R) / sqrt(R)`` wide on
-    each side (s: the spread between rounds). The median of a repeat run of R rounds differs
-    from this one's by the spread of two independent estimates, ``s * sqrt(2 / R)``, with s
-    itself estimated from R rounds: Student's prediction interval ``t(R - 1) * s * sqrt(2 / R)``.
-    The factor is their quotient: 1.72 for 10 rounds, 2.24 for 5, 3.8 for 3."""
-    if rounds < 2:
+    With s the standard deviation of log(per_round), the median of R rounds varies by about
+    ``sqrt(pi / 2) * s / sqrt(R)`` (the median's efficiency for normal data), the difference of
+    two runs' medians by sqrt(2) times that, and s itself is estimated from R rounds, hence
+    ``t(R - 1)``: median * exp(+-t(R - 1) * sqrt(pi / R) * s); +-1.27 s for 10 rounds.
+    (Widening the bootstrap interval of the median instead held a second run's median less
+    often and was wider in seven pairs of sweeps: reports/tay-cpu-agreement-history.md.)"""
+    values = np.asarray(per_round, dtype=float)
+    if values.size < 2:
         return None
-    p = 0.5 + confidence / 2
-    z = NormalDist().inv_cdf(p)
-    return math.sqrt(2 * rounds / (rounds - 1)) * t_quantile(p, rounds - 1) / z
-
-
-def repeat_interval(interval: Interval, rounds: int) -> Interval | None:
-    """Where the median of a repeat run of the same cell lands, 95% of the time: the 95%
-    confidence ``interval`` of a measurement over ``rounds`` rounds, widened by
-    :func:`repeat_factor`. None below 2 rounds."""
-    factor = repeat_factor(rounds)
-    return None if factor is None else interval.widened(factor)
+    if not (np.isfinite(values).all() and (values > 0).all() and median > 0):
+        raise ValueError(
+            f"per_round: expected positive finite values and median, got {list(per_round)!r}, "
+            f"{median!r}"
+        )
+    spread = float(np.std(np.log(values), ddof=1))
+    half = t_quantile(0.5 + confidence / 2, values.size - 1) * math.sqrt(math.pi / values.size)
+    factor = math.exp(half * spread)
+    return Interval(median, median / factor, median * factor)
 
 
 def is_unstable(interval: Interval | None, threshold_pct: float = UNSTABLE_PCT) -> bool:

@@ -148,20 +148,23 @@ def _present(value: Any) -> bool:
 
 
 def repeat_intervals(row: Mapping[str, Any]) -> dict[str, stats.Interval]:
-    """The 95% repeat interval (effattn.bench.stats.repeat_interval) of each interval a row
-    holds, by stem (INTERVALS): where a second run's median of that cell lands. The rounds are
-    the row's, or for a ratio the rounds both sides measured. A row as a dict, or a pandas
-    row (NaN for a missing value)."""
+    """The 95% repeat interval (effattn.bench.stats.repeat_interval) of each median a row
+    holds, by stem (INTERVALS): where a second run's median of that cell lands. Taken over the
+    row's rounds: each round's median time (``times_ms``), or a ratio's per-round values (for a
+    ratio, the rounds both sides measured). A row as a dict, or a pandas row (NaN for a missing
+    value); a row without per-round values (a run older than rounds) has none."""
     found = {}
     for stem, median in INTERVALS.items():
-        values = row.get(median), row.get(f"{stem}_lo"), row.get(f"{stem}_hi")
-        if not all(_present(v) for v in values):
+        value = row.get(median)
+        if stem == "time_ms":
+            rounds = row.get("times_ms")
+            timed = [r for r in rounds if r] if isinstance(rounds, list) else []
+            per_round = stats.round_medians(timed) if timed else None
+        else:
+            per_round = row.get(f"{stem}_rounds")
+        if not _present(value) or not isinstance(per_round, list):
             continue
-        per_round = row.get(f"{stem}_rounds")
-        rounds = len(per_round) if isinstance(per_round, list) else row.get("rounds")
-        if not _present(rounds):
-            continue
-        interval = stats.repeat_interval(stats.Interval(*map(float, values)), int(rounds))
+        interval = stats.repeat_interval(per_round, float(value))
         if interval is not None:
             found[stem] = interval
     return found
