@@ -5,6 +5,7 @@ line naming it (effattn.quality)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -137,7 +138,9 @@ def test_retry_failed_trains_a_failed_point_again(tmp_path: Path):
         return [r["status"] for r in ResultsFile(tmp_path / RESULTS).read()]
 
     assert statuses() == ["timeout"]
-    run_quality(_one_point_spec(), tmp_path, retry_failed=True)
+    stream = io.StringIO()
+    run_quality(_one_point_spec(), tmp_path, retry_failed=True, stream=stream)
+    assert "training 1 failed point(s) again" in stream.getvalue()
     assert statuses() == ["timeout", "ok"]
     assert read_runs([tmp_path])["status"].tolist() == ["ok"]  # the last row of a key wins
     run_quality(_one_point_spec(), tmp_path, retry_failed=True)  # nothing failed: no training

@@ -53,7 +53,8 @@ TOLERANCE_PCT = 10.0  # agreement: two medians within +-10% of each other
 
 @dataclass(frozen=True)
 class Interval:
-    """A median and its confidence interval (lo <= median <= hi, same unit)."""
+    """A median and an interval around it: a confidence or a repeat interval (lo <= median <=
+    hi, same unit)."""
 
     median: float
     lo: float
@@ -190,11 +191,12 @@ def repeat_interval(
     two runs' medians by sqrt(2) times that, and s itself is estimated from R rounds, hence
     ``t(R - 1)``: median * exp(+-t(R - 1) * sqrt(pi / R) * s); +-1.27 s for 10 rounds.
     (Widening the bootstrap interval of the median instead held a second run's median less
-    often and was wider in seven pairs of sweeps: reports/tay-cpu-agreement-history.md.)"""
+    often and was wider, in the four pairs of sweeps whose runs were kept:
+    reports/tay-cpu-agreement-history.md.)"""
     values = np.asarray(per_round, dtype=float)
     if values.size < 2:
         return None
-    if not (np.isfinite(values).all() and (values > 0).all() and median > 0):
+    if not (np.isfinite(values).all() and (values > 0).all() and 0 < median < math.inf):
         raise ValueError(
             f"per_round: expected positive finite values and median, got {list(per_round)!r}, "
             f"{median!r}"

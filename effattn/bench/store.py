@@ -151,8 +151,10 @@ def repeat_intervals(row: Mapping[str, Any]) -> dict[str, stats.Interval]:
     """The 95% repeat interval (effattn.bench.stats.repeat_interval) of each median a row
     holds, by stem (INTERVALS): where a second run's median of that cell lands. Taken over the
     row's rounds: each round's median time (``times_ms``), or a ratio's per-round values (for a
-    ratio, the rounds both sides measured). A row as a dict, or a pandas row (NaN for a missing
-    value); a row without per-round values (a run older than rounds) has none."""
+    ratio, the rounds both sides measured); rounds without a timed run are left out. A row as a
+    dict, or a pandas row (NaN for a missing value). A row without per-round values (a run
+    older than rounds) or with a value that is not positive and finite has none: one odd row
+    must not stop a report."""
     found = {}
     for stem, median in INTERVALS.items():
         value = row.get(median)
@@ -164,7 +166,10 @@ def repeat_intervals(row: Mapping[str, Any]) -> dict[str, stats.Interval]:
             per_round = row.get(f"{stem}_rounds")
         if not _present(value) or not isinstance(per_round, list):
             continue
-        interval = stats.repeat_interval(per_round, float(value))
+        try:
+            interval = stats.repeat_interval(per_round, float(value))
+        except ValueError:
+            continue
         if interval is not None:
             found[stem] = interval
     return found

@@ -134,7 +134,7 @@ def run_quality(
     done = {key for key, status in last.items() if not (retry_failed and status in FAILED)}
     retried = sum(p.key in last and p.key not in done for p in points)
     if retried:
-        stream.write(f"training {retried} failed points again (--retry-failed)\n")
+        stream.write(f"training {retried} failed point(s) again (--retry-failed)\n")
     progress = Progress(len(points), stream)
     progress.done = sum(p.key in done for p in points)
     started = time.monotonic()
