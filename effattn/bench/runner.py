@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from effattn.bench import measure, stats
+from effattn.bench.allocator import can_keep_freed_memory
 from effattn.bench.spec import BASELINES, DTYPES, Point, SweepSpec, expand
 from effattn.bench.store import (
     ENV,
@@ -533,6 +534,7 @@ def run_sweep(
     unwritten = flush_writes()
     env = environment((p.threads for p in points), dataclasses.asdict(spec))
     env["unwritten_mib_at_start"] = unwritten  # flushed to disk before timing (flush_writes)
+    env["freed_memory_kept"] = spec.settings.keep_freed_memory and can_keep_freed_memory()
     write_env(run_dir, env)
     started = time.monotonic()
     rows: list[Row] = []

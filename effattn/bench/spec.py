@@ -81,6 +81,7 @@ class Settings:
     error_max_n: int = 4096  # approximate backends: error vs float64 full up to this N
     step_layers: int = 2  # mode "step": encoder layers (d_model = heads * head_dim)
     step_ffn_mult: int = 2  # mode "step": feed-forward width = step_ffn_mult * d_model
+    keep_freed_memory: bool = True  # CPU workers reuse freed memory (effattn.bench.allocator)
 
     def __post_init__(self) -> None:
         for name in ("time_limit_s", "mem_limit_mib", "min_run_time_s", "cuda_repeats"):
@@ -89,6 +90,9 @@ class Settings:
                 raise ValueError(f"settings.{name}: expected a positive number, got {value!r}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
             raise ValueError(f"settings.rounds: expected a positive integer, got {self.rounds!r}")
+        keep = self.keep_freed_memory
+        if not isinstance(keep, bool):
+            raise ValueError(f"settings.keep_freed_memory: expected true or false, got {keep!r}")
         passes = self.passes
         whole = isinstance(passes, int) and not isinstance(passes, bool)
         if not whole or not 1 <= passes <= self.rounds:

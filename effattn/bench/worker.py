@@ -7,7 +7,9 @@ server costs ~0.1 s). A group worker (:func:`group_main`) gets the points of one
 B, H, D, dtype, device, causal, threads and mode: they share one set of inputs) and a schedule
 of (round, point) measurements made by the parent (effattn.bench.runner). It:
 
-1. loads the sweep's plugin files (extra backends), pins the CPU thread count;
+1. loads the sweep's plugin files (extra backends), pins the CPU thread count; on CPU, makes
+   malloc keep freed memory for the next call (effattn.bench.allocator, as CUDA's caching
+   allocator does), so that no timing includes the OS mapping and zeroing fresh pages;
 2. sets each point up: builds its callable, calls it once (warm-up), chooses the calls per timed
    block (effattn.bench.meters.block_size);
 3. follows the schedule: each measurement times blocks of calls for ``min_run_time_s / rounds``
@@ -57,6 +59,7 @@ import torch
 import effattn.backends  # noqa: F401
 from effattn.bench import measure as measure_mod
 from effattn.bench import meters
+from effattn.bench.allocator import keep_freed_memory
 from effattn.bench.meters import MIB
 from effattn.bench.spec import Point, Settings
 
@@ -175,6 +178,8 @@ def group_main(
     first = points[0]
     redirect_output(log, f"{first.describe()} and {len(points) - 1} more of its group")
     load_plugins(plugins)
+    if first.device == "cpu" and settings.keep_freed_memory:
+        keep_freed_memory()  # before anything is allocated: no page faults in the timings
     torch.set_num_threads(first.threads)
     torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before any cap
     sync = torch.cuda.synchronize if first.device == "cuda" else None
