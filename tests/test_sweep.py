@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from effattn import registry
+from effattn.bench.allocator import can_keep_freed_memory
 from effattn.bench.runner import run_sweep
 from effattn.bench.spec import Grid, Settings, SweepSpec, expand, load_preset
 from effattn.bench.store import RESULTS, ResultsFile
@@ -288,6 +289,13 @@ def test_passes_are_checked():
     assert [list(r) for r in Settings(rounds=5, passes=2).pass_rounds()] == [[0, 1, 2], [3, 4]]
 
 
+def test_keep_freed_memory_is_checked():
+    with pytest.raises(
+        ValueError, match=r"settings\.keep_freed_memory: expected true or false, got 'yes'"
+    ):
+        Settings(keep_freed_memory="yes")
+
+
 def test_a_group_missing_some_rows_times_its_baselines_again_as_references(tmp_path: Path):
     """Rows of a group written before a kill are kept; the missing point is measured beside
     the group's baselines (timed again, not written again), so its ratios are still taken
@@ -316,6 +324,7 @@ def test_env_records_the_load_average_at_start_and_end(tmp_path: Path):
     assert len(env["load_average_start"]) == len(env["load_average_end"]) == 3
     assert env["finished_at"] >= env["started_at"]
     assert env["unwritten_mib_at_start"] >= 0  # file data flushed before timing (Linux)
+    assert env["freed_memory_kept"] is can_keep_freed_memory()  # on by default
     run_sweep(spec, tmp_path)  # a resumed session records its own
     (resumed,) = json.loads((tmp_path / "env.json").read_text())["resumed"]
     assert len(resumed["load_average_start"]) == len(resumed["load_average_end"]) == 3

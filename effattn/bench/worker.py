@@ -11,7 +11,8 @@ of (round, point) measurements made by the parent (effattn.bench.runner). It:
    malloc keep freed memory for the next call (effattn.bench.allocator, as CUDA's caching
    allocator does), so that no timing includes the OS mapping and zeroing fresh pages;
 2. sets each point up: builds its callable, calls it once (warm-up), chooses the calls per timed
-   block (effattn.bench.meters.block_size);
+   block (effattn.bench.meters.block_size); on CPU then doubles the kept heap, its pages mapped
+   (effattn.bench.allocator.reserve_heap);
 3. follows the schedule: each measurement times blocks of calls for ``min_run_time_s / rounds``
    seconds (CPU) or ``cuda_repeats / rounds`` blocks (CUDA); the rounds are interleaved, each
    in its own shuffled order, so a change of machine load lands on every point of a round;
@@ -59,7 +60,7 @@ import torch
 import effattn.backends  # noqa: F401
 from effattn.bench import measure as measure_mod
 from effattn.bench import meters
-from effattn.bench.allocator import keep_freed_memory
+from effattn.bench.allocator import keep_freed_memory, reserve_heap
 from effattn.bench.meters import MIB
 from effattn.bench.spec import Point, Settings
 
@@ -178,8 +179,7 @@ def group_main(
     first = points[0]
     redirect_output(log, f"{first.describe()} and {len(points) - 1} more of its group")
     load_plugins(plugins)
-    if first.device == "cpu" and settings.keep_freed_memory:
-        keep_freed_memory()  # before anything is allocated: no page faults in the timings
+    kept = first.device == "cpu" and settings.keep_freed_memory and keep_freed_memory()
     torch.set_num_threads(first.threads)
     torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before any cap
     sync = torch.cuda.synchronize if first.device == "cuda" else None
@@ -213,6 +213,8 @@ def group_main(
         built = attempt(point, "set-up", set_up)
         if built is not None:
             ready[point.key] = built
+    if kept:
+        reserve_heap()  # room for the rounds' own order of allocations, mapped before timing
     for r, key in schedule:
         if key not in ready:
             continue

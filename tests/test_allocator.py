@@ -1,0 +1,67 @@
+"""effattn.bench.allocator: with freed memory kept, a large block freed by one call is reused by
+the next without page faults; without it (glibc's default) every call faults its pages in again.
+Each case runs in a fresh interpreter, since the switch lasts for the whole process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from effattn.bench.allocator import can_keep_freed_memory
+
+# Faults while a 256 MiB tensor is filled after ``before`` others were filled and freed: 65,536
+# pages of 4 KiB (128 with transparent huge pages) unless the block's pages are already mapped.
+# (A kept heap needs two: torch asks for 64-byte aligned blocks, which a freed block of the same
+# size cannot hold, so the second grows the heap once more.)
+_FAULTS_OF_FILL = """
+import resource, sys
+import torch
+from effattn.bench.allocator import keep_freed_memory
+from effattn.bench.allocator import reserve_heap
+if sys.argv[1] in ("keep", "reserve"):
+    assert keep_freed_memory()
+if sys.argv[1] == "reserve":
+    assert reserve_heap(512 * 2**20) == 512 * 2**20
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(int(sys.argv[2])):
+    x = torch.ones(64 * 2**20)
+    del x
+before = faults()
+x = torch.ones(64 * 2**20)
+print(faults() - before)
+"""
+
+
+def _fill_faults(mode: str, before: int) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _FAULTS_OF_FILL, mode, str(before)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(not can_keep_freed_memory(), reason="needs Linux with glibc")
+def test_a_freed_block_is_reused_without_page_faults():
+    assert _fill_faults("default", 2) >= 64  # the control: glibc unmapped the blocks
+    assert _fill_faults("keep", 2) <= 16
+
+
+@pytest.mark.skipif(not can_keep_freed_memory(), reason="needs Linux with glibc")
+def test_a_reserved_heap_has_its_pages_mapped_before_the_first_use():
+    assert _fill_faults("keep", 0) >= 64  # the control: a kept heap grows, and faults
+    assert _fill_faults("reserve", 0) <= 16
+
+
+def test_elsewhere_nothing_changes(monkeypatch: pytest.MonkeyPatch):
+    import platform
+
+    from effattn.bench import allocator
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    assert not allocator.can_keep_freed_memory()
+    assert not allocator.keep_freed_memory()
+    assert allocator.heap_bytes() is None
+    assert allocator.reserve_heap() == 0
