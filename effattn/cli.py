@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="passes through the sweep's groups that share out each group's rounds (at most R; "
         "more passes: a load lasting minutes touches fewer rounds of each group)",
     )
+    sweep.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="time with the C library's malloc as it comes: large freed blocks go back to the "
+        "OS and their page faults count in the times (default: CPU workers keep freed memory, "
+        "as CUDA's caching allocator does; effattn.bench.allocator)",
+    )
     sweep.add_argument("--plugin", nargs="+", default=[], metavar="FILE.py",
                        help="Python files that register extra backends")  # fmt: skip
     sweep.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of run folders")
@@ -274,6 +281,7 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[Any, bool]:
             ("min_run_time_s", args.min_run_time),
             ("rounds", args.rounds),
             ("passes", args.passes),
+            ("keep_freed_memory", False if args.system_malloc else None),
         )
         if value is not None
     }

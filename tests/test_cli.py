@@ -130,3 +130,12 @@ def test_the_readme_sweep_example_runs_on_cpu_without_the_cuda_grid(tmp_path, ca
         assert any("cuda was asked for" in m for m in messages)
         code = main(["sweep", "smoke", "--device", "cuda", "--out", str(tmp_path)])
         assert code == 2 and "cuda was asked for" in capsys.readouterr().err
+
+
+def test_system_malloc_turns_the_kept_heap_off():
+    from effattn.cli import _sweep_spec, build_parser
+
+    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep"]))
+    assert spec.settings.keep_freed_memory and not overridden  # the default
+    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--system-malloc"]))
+    assert not spec.settings.keep_freed_memory and overridden  # a run id of its own

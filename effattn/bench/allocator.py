@@ -1,27 +1,28 @@
 """Freed memory kept in the process on CPU, as torch's CUDA caching allocator keeps it on GPU.
 
-torch's CPU tensors come from the C library's malloc. glibc's hands a block of 32 MiB or more (an
-(N, N) float32 score matrix from N = 2896) straight back to the OS when it is freed, and smaller
-ones too once the heap's free top passes its trim threshold; the next call maps fresh memory, and
-every 4 KiB page of it faults in and is zeroed by the kernel. In a virtual machine a fault also
-costs the host work that depends on the host's state: on the project's 2-core VM (Firecracker,
-free pages reported to the host) faults were 45% of ``full``'s forward+backward at N = 1024
-(176 ms a call against 95 ms with memory kept; 41,000 faults a call against none), and their cost
-moved between runs, so the ratios of the backends that allocate the most (full, lsh) did not
-repeat. On a GPU, torch's caching allocator keeps freed blocks for the next call, and no time
-includes the OS.
+torch's CPU tensors come from the C library's malloc. glibc's hands a block of 32 MiB or more
+(``full``'s (B, H, N, N) scores at B = 1, H = 8 from N = 1024) straight back to the OS when it is
+freed, and smaller ones too once the heap's free top passes its trim threshold; the next call
+maps fresh memory, and every 4 KiB page of it faults in and is zeroed by the kernel. In a virtual
+machine a fault also costs the host work: on the project's 2-core VM (Firecracker, free pages
+reported to the host) faults were about half of ``full``'s time (forward+backward at N = 1024:
+176 ms a call, 41,000 faults, against 95 ms and none with memory kept; forward at N = 4096:
+1,050 ms against 560 ms), and a cost that depends on the host's state, not on the attention. On
+a GPU, torch's caching allocator keeps freed blocks for the next call, and no time includes the
+OS.
 
 :func:`keep_freed_memory` makes a CPU process do the same with glibc's own switches (mallopt):
 large blocks come from the heap (``M_MMAP_MAX`` = 0) and the heap is never trimmed
-(``M_TRIM_THRESHOLD`` = -1), so a block freed by one call is reused by the next without faults.
-Peak memory is unaffected: the meters count allocations, not pages. The sweep's workers call it
-(``settings.keep_freed_memory``, on by default; env.json records whether it took effect).
+(``M_TRIM_THRESHOLD`` = -1), so a block freed by one call is reused by a later one without
+faults. Peak memory is unaffected: the meters count allocations, not pages. The sweep's workers
+call it (``settings.keep_freed_memory``, on by default; env.json records whether it took effect).
 
 A kept heap still grows, and faults, until it has room for every point of a group in any order:
-blocks that one backend freed are cut up by the next, so the first interleaved round of a fresh
-worker found too little and faulted in 0.2-0.5x more (``full`` at N = 4096: 958 ms in the first
-round of each pass against 560 ms in the second). :func:`reserve_heap` therefore grows the heap
-by what the points' set-up left it, faulting its pages in once, before the first round.
+the backends cut up each other's freed blocks, and torch asks for 64-byte aligned blocks, which
+a freed block of the same size cannot hold. The first interleaved round of a fresh worker faulted
+in up to half as much again as the set-up had (``full`` at N = 4096: 958 ms in the first round of
+each pass against 560 ms in the second). :func:`reserve_heap` therefore grows the heap by what
+the points' set-up left it, faulting its pages in once, before the first round.
 """
 
 from __future__ import annotations
