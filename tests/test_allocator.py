@@ -65,3 +65,4 @@ def test_elsewhere_nothing_changes(monkeypatch: pytest.MonkeyPatch):
     assert not allocator.keep_freed_memory()
     assert allocator.heap_bytes() is None
     assert allocator.reserve_heap() == 0
+    assert allocator.reserve_heap(2**20) == 0

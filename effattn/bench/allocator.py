@@ -103,6 +103,8 @@ def reserve_heap(extra: int | None = None) -> int:
     now, so that allocations up to that much more find them mapped; call after
     :func:`keep_freed_memory`. At most half the memory the OS has available is taken. Returns
     the bytes reserved (0 off glibc, or when the allocation failed)."""
+    if _mallopt() is None:
+        return 0
     size = heap_bytes() if extra is None else extra
     if not size:
         return 0
