@@ -5,13 +5,15 @@ efficiency length (effattn.bench.report.efficiency_length)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from effattn.bench import stats
 from effattn.bench.report import efficiency_length
 from effattn.bench.runner import sweep_warnings, unstable_cells
-from effattn.bench.store import repeat_intervals
+from effattn.bench.store import busy_cores, cpu_jiffies, repeat_intervals
 
 ROUNDS = 5  # rounds of the synthetic cells
 
@@ -156,6 +158,20 @@ def test_unstable_cells_are_flagged_and_warned_about():
     assert "fwd shaky N=1024" in warnings[1]
     busy = sweep_warnings(rows[:1], [1.6, 1.0, 0.5], [3.0, 1.0, 0.5], env)
     assert busy and "the machine was busy" in busy[0] and "[1.6, 1.0, 0.5]" in busy[0]
+    # the load average still counts a sweep that just ended; the cores busy at the start do not
+    after_a_sweep = {**env, "busy_cores_at_start": 0.1}
+    assert sweep_warnings(rows[:1], [1.6, 1.0, 0.5], [2.1, 1.0, 0.5], after_a_sweep) == []
+    shared = {**env, "busy_cores_at_start": 1.2}
+    busy = sweep_warnings(rows[:1], [0.2, 0.1, 0.1], [2.1, 1.0, 0.5], shared)
+    assert busy and "1.2 cores busy at the start" in busy[0]
+
+
+def test_cpu_jiffies_reads_the_machine_line_of_proc_stat():
+    stat = "cpu  100 5 50 800 20 3 2 10 0 0\ncpu0 50 2 25 400 10 1 1 5 0 0\n"
+    assert cpu_jiffies(stat) == (100 + 5 + 50 + 3 + 2 + 10, 990)
+    assert cpu_jiffies("intr 1 2 3\n") is None
+    busy = busy_cores(0.05)
+    assert busy is None or 0 <= busy <= (os.cpu_count() or 1)
 
 
 def test_change_interval_finds_a_change_and_only_a_change():

@@ -325,6 +325,7 @@ def test_env_records_the_load_average_at_start_and_end(tmp_path: Path):
     assert env["finished_at"] >= env["started_at"]
     assert env["unwritten_mib_at_start"] >= 0  # file data flushed before timing (Linux)
     assert env["freed_memory_kept"] is can_keep_freed_memory()  # on by default
+    assert 0 <= env["busy_cores_at_start"] <= (os.cpu_count() or 1)  # Linux: /proc/stat
     run_sweep(spec, tmp_path)  # a resumed session records its own
     (resumed,) = json.loads((tmp_path / "env.json").read_text())["resumed"]
     assert len(resumed["load_average_start"]) == len(resumed["load_average_end"]) == 3

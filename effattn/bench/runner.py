@@ -70,6 +70,7 @@ from effattn.bench.store import (
     RESULTS,
     ResultsFile,
     Row,
+    busy_cores,
     busy_warning,
     environment,
     finish_env,
@@ -516,7 +517,8 @@ def run_sweep(
 ) -> Path:
     """Measure every point of ``spec`` not already in ``run_dir``; returns the results path.
     Flushes pending file writes first (effattn.bench.store.flush_writes). env.json records the
-    load average at the start and the end; at the end, warnings for a
+    load average at the start and the end, and the cores other work kept busy just before the
+    first point (effattn.bench.store.busy_cores); at the end, warnings for a
     busy machine and for the cells whose interval is too wide (effattn.bench.stats.UNSTABLE_PCT).
 
     strict, strict_device: unknown backends, missing devices raise instead of being skipped
@@ -534,6 +536,7 @@ def run_sweep(
     unwritten = flush_writes()
     env = environment((p.threads for p in points), dataclasses.asdict(spec))
     env["unwritten_mib_at_start"] = unwritten  # flushed to disk before timing (flush_writes)
+    env["busy_cores_at_start"] = busy_cores()  # other work, now (the load average lags)
     env["freed_memory_kept"] = spec.settings.keep_freed_memory and can_keep_freed_memory()
     write_env(run_dir, env)
     started = time.monotonic()
@@ -590,7 +593,11 @@ def sweep_warnings(
     busy machine (effattn.bench.store.busy_warning), and the unstable cells, widest first."""
     warnings = []
     busy = busy_warning(
-        load_start, load_end, env.get("cpu_count") or 1, max(env["threads"], default=1)
+        load_start,
+        load_end,
+        env.get("cpu_count") or 1,
+        max(env["threads"], default=1),
+        env.get("busy_cores_at_start"),
     )
     if busy:
         warnings.append(f"warning: {busy}")

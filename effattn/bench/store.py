@@ -26,6 +26,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -292,20 +293,60 @@ def flush_writes() -> float | None:
     return None if pending is None else round(pending, 1)
 
 
+def cpu_jiffies(stat: str | None = None) -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine since boot, in clock ticks, from the ``cpu``
+    line of /proc/stat (``stat``: its text; None reads it). Busy is all but idle and iowait.
+    None where there is no /proc/stat."""
+    if stat is None:
+        try:
+            with open("/proc/stat") as f:
+                stat = f.read()
+        except OSError:
+            return None
+    fields = stat.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    total = sum(ticks)
+    return total - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), total
+
+
+def busy_cores(window_s: float = 0.25) -> float | None:
+    """How many cores other work keeps busy right now: the machine's busy share of CPU time over
+    the next ``window_s`` seconds, times the cores (None without /proc/stat). Unlike the load
+    average, which still counts a job that ended a minute ago (the first of two back-to-back
+    sweeps), it is what a sweep starting now would share the machine with."""
+    first = cpu_jiffies()
+    time.sleep(window_s)
+    second = cpu_jiffies()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    share = (second[0] - first[0]) / (second[1] - first[1])
+    return round(share * (os.cpu_count() or 1), 2)
+
+
 def busy_warning(
-    start: Sequence[float] | None, end: Sequence[float] | None, cpus: int, threads: int
+    start: Sequence[float] | None,
+    end: Sequence[float] | None,
+    cpus: int,
+    threads: int,
+    busy_at_start: float | None = None,
 ) -> str | None:
-    """A sentence when the machine was busy with other work, else None. Busy: a 1-minute load
-    average above what the sweep leaves free plus half a core at the start
-    (``> cpus - threads + 0.5``), or above every core plus half a core at the end, when the
-    sweep's own threads count in it (``> cpus + 0.5``)."""
-    over_start = start is not None and start[0] > max(cpus - threads, 0) + 0.5
+    """A sentence when the machine was busy with other work, else None. Busy: more than what
+    the sweep leaves free plus half a core busy at the start (``> cpus - threads + 0.5``; cores
+    busy just before the sweep, :func:`busy_cores`, where known, else the 1-minute load
+    average), or a 1-minute load average above every core plus half a core at the end, when
+    the sweep's own threads count in it (``> cpus + 0.5``)."""
+    free = max(cpus - threads, 0) + 0.5
+    at_start = busy_at_start if busy_at_start is not None else (start[0] if start else None)
+    over_start = at_start is not None and at_start > free
     over_end = end is not None and end[0] > cpus + 0.5
     if not (over_start or over_end):
         return None
+    busy = "" if busy_at_start is None else f"{busy_at_start:g} cores busy at the start, "
     return (
-        f"the machine was busy: load average (1, 5, 15 min) {start} at the start, {end} at "
-        f"the end, on {cpus} CPUs with {threads} threads timing: other processes shared the "
+        f"the machine was busy: {busy}load average (1, 5, 15 min) {start} at the start, {end} "
+        f"at the end, on {cpus} CPUs with {threads} threads timing: other processes shared the "
         "cores, so times (less so the ratios taken within rounds) are slower and noisier"
     )
 
@@ -339,7 +380,7 @@ def write_env(run_dir: Path, env: dict[str, Any]) -> None:
     path = Path(run_dir) / ENV
     if path.exists():
         old = json.loads(path.read_text())
-        keys = ("started_at", "command", "git_commit", "load_average_start")
+        keys = ("started_at", "command", "git_commit", "load_average_start", "busy_cores_at_start")
         old.setdefault("resumed", []).append({k: env.get(k) for k in keys})
         env = old
     _write_json(path, env)
