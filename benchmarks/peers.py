@@ -37,7 +37,10 @@ are drawn as bench_sparse draws them (seed 0), so its wrappers and ours see the 
 Time: every candidate of a comparison once per repeat, interleaved (effattn.bench.interleave,
 meters.time_cpu, threads pinned); a candidate's time is the median over repeats
 of each repeat's median, its noise the median IQR / median; ``ours / peer`` is the median of the
-per-repeat ratios (< 1: ours is faster) and ``speed-up`` the median of peer / ours. Memory: peak
+per-repeat ratios (< 1: ours is faster) and ``speed-up`` the median of peer / ours. The process
+keeps freed memory for the next call, as the sweep's workers do (effattn.bench.allocator; on
+glibc), so no time includes the OS mapping fresh pages; ``--system-malloc`` times with the C
+library's malloc as it comes. Memory: peak
 bytes above the inputs of one call (meters.peak_memory_cpu). Agreement: max |ours - peer| and
 ||ours - peer|| / ||peer|| (Frobenius) where the semantics match, else the reason.
 A peer that cannot be imported is a skipped row with the reason; one that raises is a failed row.
@@ -61,6 +64,7 @@ import torch
 from torch import Tensor
 
 import effattn
+from effattn.bench.allocator import keep_freed_memory
 from effattn.bench.interleave import Interleaved, time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
 
@@ -604,7 +608,12 @@ def write_report(out: Path, rows: list[Row], meta: dict[str, object]) -> None:
         f"N={meta['n']}, {meta['repeats']} interleaved repeats, {versions}; "
         f"{meta['machine']}, {meta['cpu_count']} cores; load average (1, 5, 15 min) "
         f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end; "
-        f"{meta['wall_s']:.0f} s in all.",
+        f"{meta['wall_s']:.0f} s in all; "
+        + (
+            "freed memory kept for the next call (effattn.bench.allocator)."
+            if meta.get("freed_memory_kept")
+            else "the C library's malloc as it comes."
+        ),
         "",
         "Shape (B, H, N, D) = (1, 8, N, 64), fp32, forward, bidirectional (causal where the "
         "key says so), under no_grad (xl: qlen N/2 + memory N/2, d_model 512; linformer and "
@@ -651,12 +660,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--min-run-s", type=float, default=0.5, help="per timing, seconds")
     parser.add_argument("--bucket-size", type=int, default=64, help="lsh bucket (chunk) size")
     parser.add_argument("--hashes", type=int, default=4, help="lsh hash rounds")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="time with the C library's malloc as it comes, instead of keeping freed memory "
+        "for the next call as the sweep does",
+    )
     args = parser.parse_args(argv)
     chosen = selected(args.only, comparisons(args.bucket_size, args.hashes))
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     meta = environment(args.threads)
     meta.update(
+        freed_memory_kept=not args.system_malloc and keep_freed_memory(),
         n=args.n,
         repeats=args.repeats,
         min_run_s=args.min_run_s,

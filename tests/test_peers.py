@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import peers
+from effattn.bench.allocator import can_keep_freed_memory
 from tests.reference import reference_attention
 
 FAST = {"repeats": 1, "threads": 2, "min_run_s": 0.01}
@@ -111,6 +112,24 @@ def test_command_writes_the_table(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["threads"] == 2 and "torch" in saved["meta"]["versions"]
     assert len(saved["rows"]) == 2
+    kept = can_keep_freed_memory()
+    assert saved["meta"]["freed_memory_kept"] is kept
+    assert ("freed memory kept for the next call" in readme) is kept
+
+
+def test_system_malloc_leaves_the_allocator_as_it_comes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(peers, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(peers, "measure", lambda *a, **k: [])
+    peers.main(["--only", "lsh", "--system-malloc", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert calls == [] and saved["meta"]["freed_memory_kept"] is False
+    assert "the C library's malloc as it comes" in (tmp_path / "README.md").read_text()
+    peers.main(["--only", "lsh", "--out", str(tmp_path)])
+    assert (
+        calls == [1]
+        and json.loads((tmp_path / "results.json").read_text())["meta"]["freed_memory_kept"]
+    )
 
 
 @pytest.mark.parametrize(
