@@ -670,9 +670,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     chosen = selected(args.only, comparisons(args.bucket_size, args.hashes))
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    kept = not args.system_malloc and keep_freed_memory()  # as the sweep's workers do
     meta = environment(args.threads)
     meta.update(
-        freed_memory_kept=not args.system_malloc and keep_freed_memory(),
+        freed_memory_kept=kept,
         n=args.n,
         repeats=args.repeats,
         min_run_s=args.min_run_s,
