@@ -11,6 +11,16 @@ effattn.bench.spec.expand):
   then ``settings.rounds`` rounds, each timing every point once in a fresh shuffled order
   (:func:`round_schedule`), then memory and error.
 
+Bracketing (``settings.bracket_every`` k > 0): the group's anchor, ``sdpa`` (else ``full``),
+does not take a place in the shuffled order; each round times it first and again after every
+k of the other points (:func:`round_schedule`), and a point's ratios divide its time by the
+mean of the anchor timings just before and after it (:func:`bracket_refs`,
+effattn.bench.stats.round_ratios). The load of a 2-core VM changes within seconds, and a
+round of a large group lasts seconds, so a point and the anchor timed once each per round saw
+different loads; timed beside it, they see one. On the tay preset's groups, the per-round
+spread (SD of log speed-up vs sdpa) fell from 0.09-0.17 to 0.07-0.09 with k = 3 (four anchor
+timings a round in a group of ten), as much as 2.5x the rounds would give, for 1.5x the time.
+
 Passes (``settings.passes`` P > 1): the rounds are shared out over P passes through the sweep's
 groups (10 rounds in 3 passes: rounds 0-3 of every group, then 4-6 of every group, then 7-9),
 each pass of a group in a fresh worker (set-up and warm-up again), memory and error in the
@@ -46,6 +56,7 @@ time / this time, taken per round) with theirs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import multiprocessing as mp
@@ -191,17 +202,62 @@ class RunningWorker:
 
 
 def round_schedule(
-    keys: Sequence[str], rounds: int, seed: int | None = None
+    keys: Sequence[str],
+    rounds: int,
+    seed: int | None = None,
+    *,
+    anchor: str | None = None,
+    every: int = 0,
 ) -> list[tuple[int, str]]:
     """The (round, key) measurements of a group: ``rounds`` rounds, each timing every key once,
-    in a fresh shuffled order (``seed``: None draws one from the OS)."""
+    in a fresh shuffled order (``seed``: None draws one from the OS).
+
+    ``anchor`` (one of ``keys``) with ``every`` > 0: the anchor brackets the others instead of
+    taking a place among them. Each round times it first and again after every ``every`` of the
+    others (shuffled) and after the last, e.g. ``every`` = 3 with six others::
+
+        A b e c A f a d A"""
     rng = random.Random(seed)
+    bracketed = anchor is not None and every > 0
+    others = [k for k in keys if k != anchor] if bracketed else list(keys)
     schedule = []
     for r in range(rounds):
-        order = list(keys)
+        order = list(others)
         rng.shuffle(order)
+        if bracketed:
+            chunks = [order[i : i + every] for i in range(0, len(order), every)]
+            order = [anchor, *(key for chunk in chunks for key in (*chunk, anchor))]
         schedule += [(r, key) for key in order]
     return schedule
+
+
+def bracket_refs(sequence: Sequence[tuple[str, float]], anchor: str) -> dict[str, float]:
+    """The anchor's time beside each other key of one round: ``sequence`` is the round's
+    timings in the order taken, (key, median ms of that timing); a key's ref is the mean of the
+    anchor timings just before and just after it (one of them at an end of the round or where
+    the worker lost one); the anchor's own ref is the median of its timings. Keys without an
+    anchor timing in the round get none."""
+    anchor_at = [i for i, (key, _) in enumerate(sequence) if key == anchor]
+    if not anchor_at:
+        return {}
+    refs = {anchor: float(np.median([sequence[i][1] for i in anchor_at]))}
+    for i, (key, _) in enumerate(sequence):
+        if key == anchor:
+            continue
+        before = [sequence[j][1] for j in anchor_at if j < i][-1:]
+        after = [sequence[j][1] for j in anchor_at if j > i][:1]
+        refs[key] = float(np.mean(before + after))
+    return refs
+
+
+def anchor_of(points: Sequence[Point]) -> Point | None:
+    """The point that brackets the others of a group: ``sdpa`` (cheap, and the table's
+    reference), else ``full``, else None."""
+    for label in ("sdpa", "full"):
+        for point in points:
+            if point.label == label:
+                return point
+    return None
 
 
 def _six(x: float) -> float:
@@ -230,9 +286,14 @@ class GroupRun:
         self.all = [*points, *references]
         self.limit_s = spec.settings.time_limit_s
         keys = [p.key for p in self.all]
-        self.schedule = round_schedule(keys, spec.settings.rounds, seed)
-        rounds = spec.settings.rounds
+        rounds, every = spec.settings.rounds, spec.settings.bracket_every
+        anchor = anchor_of(self.all) if every else None
+        self.anchor = anchor.key if anchor is not None else None
+        self.schedule = round_schedule(keys, rounds, seed, anchor=self.anchor, every=every)
+        # per point and round, the per-call ms of its timed blocks (the anchor's timings of a
+        # round, concatenated); per round, (key, median ms) of each timing in the order taken
         self.times: dict[str, list[list[float] | None]] = {k: [None] * rounds for k in keys}
+        self.sequence: dict[int, list[tuple[str, float]]] = {r: [] for r in range(rounds)}
         self.failed: dict[str, tuple[str, str]] = {}  # key -> (status, reason)
         self.fields: dict[str, dict[str, Any]] = {}  # key -> memory, flops, error, device
         self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
@@ -258,8 +319,18 @@ class GroupRun:
     def _todo(self) -> list[tuple[int, str]]:
         """The (round, key) measurements of the current pass not yet heard, in order."""
         rounds = self.passes[self.pass_index]
-        return [(r, k) for r, k in self.schedule
-                if r in rounds and k not in self.failed and self.times[k][r] is None]  # fmt: skip
+        heard = collections.Counter(
+            (r, key) for r, timings in self.sequence.items() for key, _ in timings
+        )
+        todo = []
+        for r, key in self.schedule:
+            if r not in rounds or key in self.failed:
+                continue
+            if heard[r, key]:  # heard already (the anchor: one of its timings of round r)
+                heard[r, key] -= 1
+            else:
+                todo.append((r, key))
+        return todo
 
     def _left(self) -> list[Point]:
         """The points the current pass still has to measure: timings, and in the last pass
@@ -344,7 +415,8 @@ class GroupRun:
                 self.phase = f"{label} {phase}"
             elif kind == "round":
                 key, r, times = rest
-                self.times[key][r] = times
+                self.times[key][r] = [*(self.times[key][r] or []), *times]
+                self.sequence[r].append((key, float(np.median(times))))
             elif kind == "failed":
                 key, status, reason = rest
                 self.failed[key] = (status, reason)
@@ -375,6 +447,11 @@ class GroupRun:
         """The rows of ``points`` (not of the references) not taken yet, once the last pass
         is :attr:`finished`."""
         baselines = {p.label: p.key for p in self.all if p.label in BASELINES}
+        refs: dict[str, list[float | None]] = {p.key: [] for p in self.all}
+        for r in range(len(self.sequence)):
+            beside = bracket_refs(self.sequence[r], self.anchor) if self.anchor else {}
+            for key, per_round in refs.items():
+                per_round.append(beside.get(key))
         rows = []
         for point in self.points:
             wall = round(self.spent[point.key], 3)
@@ -388,7 +465,9 @@ class GroupRun:
             timing = timing_fields(rounds)
             for label, base in baselines.items():
                 if base not in self.failed:
-                    ratios = stats.round_ratios(self.times[base], self.times[point.key])
+                    ratios = stats.round_ratios(
+                        self.times[base], self.times[point.key], refs[base], refs[point.key]
+                    )
                     timing.update(ratio_fields(f"speedup_vs_{label}", ratios))
             rows.append(Row.make(point, "ok", wall_s=wall, **self.fields[point.key], **timing))
         return rows

@@ -13,8 +13,9 @@ of calls timed together), e.g. for R = 3::
   the interval (they are what moves a number between runs); resampling runs second keeps the
   noise within a round.
 - A ratio (speed-up vs ``full`` or ``sdpa``) is computed per round, both times from the same
-  round (:func:`round_ratios`), and its interval is :func:`median_interval` of those R values,
-  one per round (a bootstrap over rounds).
+  round (:func:`round_ratios`), each divided by the anchor timings taken beside it when the
+  sweep brackets (effattn.bench.runner), and its interval is :func:`median_interval` of those
+  R values, one per round (a bootstrap over rounds).
 - :func:`change_interval` compares two measurements of the same cell (two runs): the ratio of
   their medians, with a bootstrap interval drawing both sides independently.
 
@@ -123,20 +124,37 @@ def round_medians(rounds: Sequence[Sequence[float]]) -> list[float]:
 
 
 def round_ratios(
-    numerator: Sequence[Sequence[float] | None], denominator: Sequence[Sequence[float] | None]
+    numerator: Sequence[Sequence[float] | None],
+    denominator: Sequence[Sequence[float] | None],
+    numerator_refs: Sequence[float | None] | None = None,
+    denominator_refs: Sequence[float | None] | None = None,
 ) -> list[float]:
     """Per round, median(numerator) / median(denominator), both from that round; a round that
     either side lacks (None or empty) is left out. ``speed-up vs full = round_ratios(full, x)``.
-    """
-    if len(numerator) != len(denominator):
-        raise ValueError(
-            f"rounds: expected the same rounds on both sides, got {len(numerator)} and "
-            f"{len(denominator)}"
-        )
+
+    ``*_refs``: per round, the anchor's time (ms) measured beside that side's timings (the
+    runner's bracketing). Each side's median is divided by its ref first, so a change of machine
+    speed between the two sides' timings cancels; a round where either ref is None uses the
+    plain medians."""
+    rounds = len(numerator)
+    for name, seq in (("denominator", denominator), ("numerator_refs", numerator_refs),
+                      ("denominator_refs", denominator_refs)):  # fmt: skip
+        if seq is not None and len(seq) != rounds:
+            raise ValueError(
+                f"rounds: expected the same rounds on both sides, got {rounds} and "
+                f"{len(seq)} ({name})"
+            )
+    no_refs = [None] * rounds
     ratios = []
-    for a, b in zip(numerator, denominator, strict=True):
-        if a is not None and b is not None and len(a) and len(b):
-            ratios.append(float(np.median(a)) / float(np.median(b)))
+    for a, b, ra, rb in zip(
+        numerator, denominator, numerator_refs or no_refs, denominator_refs or no_refs, strict=True
+    ):
+        if a is None or b is None or not len(a) or not len(b):
+            continue
+        ratio = float(np.median(a)) / float(np.median(b))
+        if ra is not None and rb is not None:
+            ratio *= rb / ra
+        ratios.append(ratio)
     return ratios
 
 
