@@ -6,19 +6,21 @@ shuffled order each round, and calls that really alternate between a group's bac
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from effattn import registry
 from effattn.bench import interleave
 from effattn.bench.interleave import Interleaved, time_interleaved
 from effattn.bench.meters import Timing
-from effattn.bench.runner import round_schedule, run_sweep
-from effattn.bench.spec import Grid, Settings, SweepSpec
+from effattn.bench.runner import GroupRun, bracket_refs, round_schedule, run_sweep
+from effattn.bench.spec import Grid, Settings, SweepSpec, expand
 from effattn.bench.store import RESULTS, ResultsFile
 
 
@@ -173,6 +175,73 @@ def test_round_schedule_is_a_fresh_shuffle_of_every_point_each_round():
     assert all(sorted(order) == keys for order in orders)  # each round: every point, once
     assert len({tuple(o) for o in orders}) > 1  # shuffled afresh, not one order five times
     assert round_schedule(keys, 5, seed=3) == schedule  # a seed repeats it
+
+
+def test_round_schedule_brackets_the_others_with_the_anchor():
+    keys = ["A", *(f"k{i}" for i in range(7))]
+    schedule = round_schedule(keys, 4, seed=1, anchor="A", every=3)
+    orders = [[k for r, k in schedule if r == i] for i in range(4)]
+    for order in orders:  # A x x x A x x x A x A
+        assert [i for i, k in enumerate(order) if k == "A"] == [0, 4, 8, 10]
+        assert sorted(k for k in order if k != "A") == keys[1:]
+    assert len({tuple(o) for o in orders}) > 1
+    assert round_schedule(keys, 2, seed=1, anchor="A", every=0) == round_schedule(keys, 2, seed=1)
+
+
+def test_bracket_refs_are_the_anchor_timings_beside_each_point():
+    sequence = [("A", 1.0), ("x", 5.0), ("y", 6.0), ("A", 3.0), ("z", 7.0)]
+    assert bracket_refs(sequence, "A") == {"A": 2.0, "x": 2.0, "y": 2.0, "z": 3.0}
+    assert bracket_refs([("x", 5.0)], "A") == {}  # no anchor timing in the round: no refs
+
+
+class _Offline(GroupRun):
+    """A GroupRun fed by the test instead of a worker."""
+
+    def _launch(self) -> None:
+        self.worker = None
+
+
+def _drifting_group(every: int, rounds: int = 12) -> dict[str, dict]:
+    """A group (full, sdpa and two others) on a machine whose speed drifts by up to 2x within
+    each round: every point's true time is fixed, each timing is true time x the speed then."""
+    grid = Grid(backends=("full", "sdpa", "local", "performer"), seq_lens=(64,), heads=(1,),
+                head_dim=(8,), device=("cpu",), threads=(1,))  # fmt: skip
+    spec = SweepSpec("drift", Settings(rounds=rounds, bracket_every=every), (grid,))
+    points, _ = expand(spec, strict=True)
+    group = _Offline(points, [], spec, seed=0)
+    true_ms = {p.key: t for p, t in zip(points, (8.0, 2.0, 1.0, 4.0), strict=True)}
+    for i, (r, key) in enumerate(group.schedule):
+        speed = 1.5 + 0.5 * np.sin(0.7 * i)
+        group.heard(key, r, [true_ms[key] * speed])
+    group.fields = {p.key: {} for p in points}
+    return {row.label: dataclasses.asdict(row) for row in group.rows()}
+
+
+def test_bracketing_cancels_a_drift_of_the_machine_within_a_round():
+    bracketed, plain = _drifting_group(every=1), _drifting_group(every=0)
+    for label, vs_sdpa in (("full", 0.25), ("local", 2.0), ("performer", 0.5)):
+        ours = np.array(bracketed[label]["speedup_vs_sdpa_rounds"])
+        theirs = np.array(plain[label]["speedup_vs_sdpa_rounds"])
+        assert len(ours) == len(theirs) == 12
+        spread_ours = np.abs(np.log(ours / vs_sdpa)).max()
+        spread_theirs = np.abs(np.log(theirs / vs_sdpa)).max()
+        assert spread_ours < 0.15 < spread_theirs  # within 15% each round; unbracketed not
+        assert bracketed[label]["speedup_vs_sdpa"] == pytest.approx(vs_sdpa, rel=0.05)
+    assert bracketed["sdpa"]["speedup_vs_full"] == pytest.approx(4.0, rel=0.05)
+    assert bracketed["sdpa"]["rounds"] == 12 and bracketed["sdpa"]["speedup_vs_sdpa"] == 1.0
+
+
+def test_a_new_worker_takes_the_anchor_timings_its_round_still_lacks():
+    grid = Grid(backends=("full", "sdpa", "local", "performer", "linear"), seq_lens=(64,),
+                heads=(1,), head_dim=(8,), device=("cpu",), threads=(1,))  # fmt: skip
+    spec = SweepSpec("resume", Settings(rounds=2, bracket_every=2), (grid,))
+    points, _ = expand(spec, strict=True)
+    group = _Offline(points, [], spec, seed=0)
+    first_round = [(r, k) for r, k in group.schedule if r == 0]
+    assert [k for _, k in first_round].count(group.anchor) == 3  # A x x A x x A
+    for r, key in first_round[:5]:  # the worker died after A x x A x
+        group.heard(key, r, [1.0])
+    assert group._todo() == group.schedule[5:]
 
 
 def test_the_sweep_times_a_group_in_interleaved_rounds(tmp_path: Path):

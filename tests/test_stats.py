@@ -118,6 +118,16 @@ def test_round_ratios_skip_rounds_a_side_lacks():
         stats.round_ratios([[1.0]], [[1.0], [1.0]])
 
 
+def test_round_ratios_divide_each_side_by_the_anchor_beside_it():
+    # round 0: the machine ran 2x slower while the numerator was timed (its anchor timing
+    # too); round 1: no anchor beside the denominator, so the plain medians
+    num, den = [[4.0, 4.2, 3.8], [3.0]], [[1.0], [1.5]]
+    assert stats.round_ratios(num, den, [2.0, 1.0], [1.0, None]) == pytest.approx([2.0, 2.0])
+    assert stats.round_ratios(num, den) == pytest.approx([4.0, 2.0])
+    with pytest.raises(ValueError, match=r"got 2 and 1 \(numerator_refs\)"):
+        stats.round_ratios(num, den, [1.0], [1.0, 1.0])
+
+
 def test_bad_rounds_are_refused():
     with pytest.raises(ValueError, match="non-empty rounds"):
         stats.median_interval([])

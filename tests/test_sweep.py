@@ -16,7 +16,7 @@ import pytest
 
 from effattn import registry
 from effattn.bench.allocator import can_keep_freed_memory
-from effattn.bench.runner import run_sweep
+from effattn.bench.runner import GroupRun, run_sweep
 from effattn.bench.spec import Grid, Settings, SweepSpec, expand, load_preset
 from effattn.bench.store import RESULTS, ResultsFile
 
@@ -255,8 +255,8 @@ def _runs_of_n(log: Path) -> list[tuple[int, int]]:
 
 
 def test_passes_share_out_the_rounds_and_resume_after_a_kill(tmp_path: Path):
-    """2 passes of 2 rounds: N=32's group, N=64's, then each again (a fresh worker); killed
-    in N=64's second pass, the sweep has written nothing of N=64 and resumes it whole."""
+    """2 passes of 2 rounds: N=32's group, N=64's, then each again (the worker that waited);
+    killed in N=64's second pass, the sweep has written nothing of N=64 and resumes it whole."""
     command, log = _slow_sweep(tmp_path, passes=2)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -281,12 +281,54 @@ def test_passes_share_out_the_rounds_and_resume_after_a_kill(tmp_path: Path):
     assert all(r["status"] == "ok" and r["rounds"] == 4 for r in after)
 
 
+def _until_pass_done(run: GroupRun) -> None:
+    deadline = time.monotonic() + 60
+    while not run.poll():
+        assert time.monotonic() < deadline, run.phase
+        time.sleep(0.01)
+
+
+def test_a_worker_waits_between_passes_and_one_that_died_meanwhile_is_replaced(tmp_path: Path):
+    """On CPU a group's worker takes its next pass after waiting (no set-up again); one that
+    died while it waited is replaced by a fresh worker, and no round is lost either way."""
+    grid = dataclasses.replace(TINY, backends=("full", "sdpa"))
+    spec = SweepSpec("passes", dataclasses.replace(FAST, rounds=4, passes=2), (grid,))
+    points, _ = expand(spec, strict=True)
+    log = tmp_path / "worker.log"
+    pids = []
+    for kill in (False, True):
+        run = GroupRun(points, [], spec, log)
+        _until_pass_done(run)
+        assert run.paused and run.worker is not None and run.worker.proc.is_alive()
+        waited = run.worker.proc.pid
+        if kill:
+            os.kill(waited, signal.SIGKILL)
+            run.worker.proc.join()
+        assert run.next_pass()
+        pids.append((waited, run.worker.proc.pid))
+        _until_pass_done(run)
+        assert run.worker is None  # the last pass ended it
+        rows = run.rows()
+        assert [r.status for r in rows] == ["ok", "ok"] and all(r.rounds == 4 for r in rows)
+    (same_a, same_b), (dead, fresh) = pids
+    assert same_a == same_b and dead != fresh
+    assert log.read_text().count("--- ") == 3  # one worker, then one that died and its successor
+
+
 def test_passes_are_checked():
     with pytest.raises(
         ValueError, match=r"settings.passes: expected an integer from 1 to rounds \(2\), got 3"
     ):
         Settings(rounds=2, passes=3)
     assert [list(r) for r in Settings(rounds=5, passes=2).pass_rounds()] == [[0, 1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("every", [-1, 1.5, True])
+def test_bracket_every_is_checked(every):
+    with pytest.raises(
+        ValueError, match=r"settings\.bracket_every: expected an integer >= 0 \(0: off\), got "
+    ):
+        Settings(bracket_every=every)
 
 
 def test_keep_freed_memory_is_checked():

@@ -118,6 +118,19 @@ def reserve_heap(extra: int | None = None) -> int:
     return reserved
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the OS now (glibc's malloc_trim): a worker that
+    waits between passes then holds only what it uses (its inputs and callables), and
+    :func:`reserve_heap` maps the room again before it times. False off glibc."""
+    trim = _glibc("malloc_trim")
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
 def _available_bytes() -> int:
     try:
         with open("/proc/meminfo") as meminfo:

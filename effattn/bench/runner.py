@@ -23,10 +23,14 @@ timings a round in a group of ten), as much as 2.5x the rounds would give, for 1
 
 Passes (``settings.passes`` P > 1): the rounds are shared out over P passes through the sweep's
 groups (10 rounds in 3 passes: rounds 0-3 of every group, then 4-6 of every group, then 7-9),
-each pass of a group in a fresh worker (set-up and warm-up again), memory and error in the
-last. A disturbance of the machine that lasts a minute or two then lands on a few rounds of
-many groups, which their medians over rounds shrug off, rather than on every round of one
-group, which moves its cells (two runs of the tay preset disagreed by up to 30% that way).
+memory and error in the last. A disturbance of the machine that lasts a minute or two then
+lands on a few rounds of many groups, which their medians over rounds shrug off, rather than on
+every round of one group, which moves its cells (two runs of the tay preset disagreed by up to
+30% that way; the machine's speed changed by up to 1.8x between two passes of one run, and the
+backends' ratios by up to 25% with it). On CPU a group's worker waits between its passes, its
+free memory handed back to the OS, and takes the next pass with the callables it set up
+(effattn.bench.worker, ``persist``); elsewhere, and when it died or lacks a point, each pass
+gets a fresh worker (set-up and warm-up again).
 A point that fails is final: its row is written at the end of its pass, so that it cuts the
 larger N of its curve in the same pass; the other rows of a group are written after its last
 pass (a kill loses the group's earlier passes, never a row).
@@ -57,6 +61,7 @@ time / this time, taken per round) with theirs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import multiprocessing as mp
@@ -140,11 +145,13 @@ class RunningWorker:
         args: tuple,
         limit_s: float,
         log: Path | None = None,
+        duplex: bool = False,
     ) -> RunningWorker:
         """Fork a worker (from the forkserver) running ``target(conn, *args)`` for ``job``;
-        ``target`` must be importable (a module-level function) and send one result dict."""
+        ``target`` must be importable (a module-level function) and send one result dict.
+        ``duplex``: the parent may send on ``conn`` too."""
         ctx = _context()
-        parent, child = ctx.Pipe(duplex=False)
+        parent, child = ctx.Pipe(duplex=duplex)
         proc = ctx.Process(target=target, args=(child, *args), daemon=True)
         proc.start()
         child.close()
@@ -299,6 +306,11 @@ class GroupRun:
         self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
         self.passes = spec.settings.pass_rounds()
         self.pass_index = 0  # the pass being measured (settings.passes)
+        # CPU workers wait between passes (effattn.bench.worker): no set-up again
+        cpu = all(p.device == "cpu" for p in self.all)
+        self.persist = len(self.passes) > 1 and cpu and gpu is None
+        self.paused = False  # the worker finished a pass and waits for the next
+        self.worker_keys: set[str] = set()  # the points the worker set up
         self.written: set[str] = set()  # keys whose rows the caller has taken (failed_rows)
         self.accounted_s = 0.0  # of wall_s(), what the caller's progress counted already
         self.phase = ""  # what the worker said it is doing: "lsh round 2/5"
@@ -310,7 +322,7 @@ class GroupRun:
     @property
     def finished(self) -> bool:
         """The current pass is done (and with it the group, when :attr:`last_pass`)."""
-        return self.worker is None
+        return self.worker is None or self.paused
 
     @property
     def last_pass(self) -> bool:
@@ -349,9 +361,45 @@ class GroupRun:
             self.worker = None
             return
         settings, plugins = self.spec.settings, list(self.spec.plugins)
-        args = (left, settings, plugins, self._todo(), self.log, self.gpu, self.last_pass)
-        self.worker = RunningWorker.start_target(self, group_main, args, self.limit_s, self.log)
+        todo, last = self._todo(), self.last_pass
+        args = (left, settings, plugins, todo, self.log, self.gpu, last, self.persist)
+        self.worker = RunningWorker.start_target(
+            self, group_main, args, self.limit_s, self.log, duplex=self.persist
+        )
+        self.worker_keys = {p.key for p in left}
         self._switch(left[0].key)  # the start of a worker counts against its first point
+
+    def _resume(self) -> None:
+        """Give the paused worker the current pass; a fresh worker instead when it cannot take
+        it (it died while waiting, or never set up a point the pass needs)."""
+        worker, left = self.worker, self._left()
+        self.paused = False
+        keys = {p.key for p in left}
+        if worker is not None and left and keys <= self.worker_keys and worker.proc.is_alive():
+            dropped = sorted(self.worker_keys - keys)  # failed or skipped since
+            try:
+                worker.conn.send(("go", self._todo(), self.last_pass, dropped))
+            except OSError:
+                pass
+            else:
+                self.worker_keys = keys
+                self._switch(left[0].key)
+                return
+        self._stop_worker()
+        self._launch()
+
+    def _stop_worker(self) -> None:
+        """Tell a paused worker to end, and wait for it (kill it if it does not)."""
+        worker, self.worker, self.paused = self.worker, None, False
+        if worker is None:
+            return
+        with contextlib.suppress(OSError):
+            worker.conn.send(("stop",))
+        worker.proc.join(timeout=10)
+        if worker.proc.is_alive():
+            worker.kill()
+        else:
+            worker.conn.close()
 
     def next_pass(self, skipped: dict[str, str] | None = None) -> bool:
         """Start the next pass (a fresh worker) after a pass that is not the last; ``skipped``:
@@ -361,7 +409,10 @@ class GroupRun:
         self.pass_index += 1
         for key, reason in (skipped or {}).items():
             self.failed.setdefault(key, ("skipped", reason))
-        self._launch()
+        if self.paused:
+            self._resume()
+        else:
+            self._launch()
         return not self.finished
 
     def failed_rows(self) -> list[Row]:
@@ -386,7 +437,7 @@ class GroupRun:
         return self.since + self.limit_s - self.spent[self.current]
 
     def waitables(self) -> list:
-        return [] if self.worker is None else self.worker.waitables()
+        return [] if self.finished else self.worker.waitables()
 
     def _fail(self, status: str, reason: str) -> None:
         """The worker is gone: the point it was on gets the status; a new worker goes on."""
@@ -396,10 +447,19 @@ class GroupRun:
             self.failed.setdefault(key, (status, reason))
         self._launch()
 
+    def heard(self, key: str, r: int, times: list[float]) -> None:
+        """Keep one timing of ``key`` in round ``r`` (per-call ms of its blocks), in the order
+        taken."""
+        self.times[key][r] = [*(self.times[key][r] or []), *times]
+        self.sequence[r].append((key, float(np.median(times))))
+
     def poll(self) -> bool:
-        """Handle what the worker said, its death or its overrun; True once the group is done."""
+        """Handle what the worker said, its death or its overrun; True once the current pass
+        is done (the group's, when it was the last)."""
+        if self.paused:
+            return True
         worker = self.worker
-        while worker is not None and worker is self.worker:
+        while worker is not None and worker is self.worker and not self.paused:
             try:
                 if not worker.conn.poll(0):
                     break
@@ -414,23 +474,24 @@ class GroupRun:
                 label = next(p.label for p in self.all if p.key == key)
                 self.phase = f"{label} {phase}"
             elif kind == "round":
-                key, r, times = rest
-                self.times[key][r] = [*(self.times[key][r] or []), *times]
-                self.sequence[r].append((key, float(np.median(times))))
+                self.heard(*rest)
             elif kind == "failed":
                 key, status, reason = rest
                 self.failed[key] = (status, reason)
             elif kind == "done":
                 key, fields = rest
                 self.fields[key] = fields
-            elif kind == "end":
+            elif kind in ("end", "paused"):
                 self._switch(None)
-                worker.conn.close()
-                worker.proc.join(timeout=30)
+                if kind == "end":
+                    worker.conn.close()
+                    worker.proc.join(timeout=30)
+                    self.worker = None
+                else:
+                    self.paused = True
                 for p in self._left():  # never happens with a sound worker; never silent
                     self.failed[p.key] = ("crashed", "the worker ended without measuring it")
-                self.worker = None
-        if self.worker is not None and self.worker is worker:
+        if self.worker is not None and self.worker is worker and not self.paused:
             if not worker.proc.is_alive() and not worker.conn.poll(0):
                 self._fail(*worker.dead())
             elif time.monotonic() >= self.deadline():
