@@ -2,7 +2,8 @@
 
     effattn list
     effattn sweep [PRESET] [--backends full sdpa local:window=256] [--seq-lens 1024 2048] ...
-                  [--rounds R] [--passes P] [--workers N] [--executor submitit --partition P ...]
+                  [--rounds R] [--passes P] [--bracket-every K] [--workers N]
+                  [--executor submitit --partition P ...]
     effattn report RUN... [--merge] [--format md csv tex html] [--out PREFIX] [--fidelity CSV]
     effattn plot RUN... [--out DIR]
     effattn compare RUN_A RUN_B [--fail-on-regression PCT] [--out FILE.md]
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="passes through the sweep's groups that share out each group's rounds (at most R; "
         "more passes: a load lasting minutes touches fewer rounds of each group)",
+    )
+    sweep.add_argument(
+        "--bracket-every",
+        type=non_negative_int,
+        metavar="K",
+        help="time the group's sdpa (else full) again after every K backends of a round, and "
+        "take each ratio against the sdpa timings beside it (0: once a round, like the others)",
     )
     sweep.add_argument(
         "--system-malloc",
@@ -281,6 +289,7 @@ def _sweep_spec(args: argparse.Namespace) -> tuple[Any, bool]:
             ("min_run_time_s", args.min_run_time),
             ("rounds", args.rounds),
             ("passes", args.passes),
+            ("bracket_every", args.bracket_every),
             ("keep_freed_memory", False if args.system_malloc else None),
         )
         if value is not None

@@ -139,3 +139,15 @@ def test_system_malloc_turns_the_kept_heap_off():
     assert spec.settings.keep_freed_memory and not overridden  # the default
     spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--system-malloc"]))
     assert not spec.settings.keep_freed_memory and overridden  # a run id of its own
+
+
+def test_bracket_every_comes_from_the_command_line(capsys):
+    from effattn.cli import _sweep_spec, build_parser
+
+    spec, _ = _sweep_spec(build_parser().parse_args(["sweep"]))
+    assert spec.settings.bracket_every == 3  # the tay preset's
+    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--bracket-every", "0"]))
+    assert spec.settings.bracket_every == 0 and overridden
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sweep", "--bracket-every", "-1"])
+    assert "--bracket-every" in capsys.readouterr().err

@@ -292,7 +292,8 @@ def test_a_worker_waits_between_passes_and_one_that_died_meanwhile_is_replaced(t
     """On CPU a group's worker takes its next pass after waiting (no set-up again); one that
     died while it waited is replaced by a fresh worker, and no round is lost either way."""
     grid = dataclasses.replace(TINY, backends=("full", "sdpa"))
-    spec = SweepSpec("passes", dataclasses.replace(FAST, rounds=4, passes=2), (grid,))
+    settings = dataclasses.replace(FAST, rounds=4, passes=2, mem_limit_mib=256)
+    spec = SweepSpec("passes", settings, (grid,))
     points, _ = expand(spec, strict=True)
     log = tmp_path / "worker.log"
     pids = []
@@ -313,6 +314,26 @@ def test_a_worker_waits_between_passes_and_one_that_died_meanwhile_is_replaced(t
     (same_a, same_b), (dead, fresh) = pids
     assert same_a == same_b and dead != fresh
     assert log.read_text().count("--- ") == 3  # one worker, then one that died and its successor
+
+
+def test_a_waiting_worker_is_stopped_when_its_memory_is_wanted(tmp_path: Path, monkeypatch):
+    import effattn.bench.runner as runner
+
+    monkeypatch.setattr(runner, "available_bytes", lambda: 2**30)  # under 2 x 1024 MiB
+    grid = dataclasses.replace(TINY, backends=("full", "sdpa"))
+    settings = dataclasses.replace(FAST, rounds=4, passes=2, mem_limit_mib=1024)
+    spec = SweepSpec("passes", settings, (grid,))
+    points, _ = expand(spec, strict=True)
+    log = tmp_path / "worker.log"
+    run = GroupRun(points, [], spec, log)
+    _until_pass_done(run)
+    assert run.worker is None and not run.paused  # stopped, not waiting
+    assert run.next_pass()
+    _until_pass_done(run)
+    rows = run.rows()
+    assert [r.status for r in rows] == ["ok", "ok"] and all(r.rounds == 4 for r in rows)
+    assert "stopped the waiting worker" in log.read_text()
+    assert log.read_text().count("(pid ") == 2  # a fresh worker for the second pass
 
 
 def test_passes_are_checked():

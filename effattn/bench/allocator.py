@@ -108,7 +108,7 @@ def reserve_heap(extra: int | None = None) -> int:
     size = heap_bytes() if extra is None else extra
     if not size:
         return 0
-    size = min(size, _available_bytes() // 2)
+    size = min(size, available_bytes() // 2)
     try:
         block = torch.ones(size // 4, dtype=torch.float32)  # writes every page of it
     except RuntimeError:  # out of memory (a capped address space): reserve nothing
@@ -118,20 +118,8 @@ def reserve_heap(extra: int | None = None) -> int:
     return reserved
 
 
-def release_freed_memory() -> bool:
-    """Hand the heap's free memory back to the OS now (glibc's malloc_trim): a worker that
-    waits between passes then holds only what it uses (its inputs and callables), and
-    :func:`reserve_heap` maps the room again before it times. False off glibc."""
-    trim = _glibc("malloc_trim")
-    if trim is None:
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    trim(0)
-    return True
-
-
-def _available_bytes() -> int:
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo, in bytes; 0 where it cannot be read."""
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)

@@ -27,10 +27,11 @@ memory and error in the last. A disturbance of the machine that lasts a minute o
 lands on a few rounds of many groups, which their medians over rounds shrug off, rather than on
 every round of one group, which moves its cells (two runs of the tay preset disagreed by up to
 30% that way; the machine's speed changed by up to 1.8x between two passes of one run, and the
-backends' ratios by up to 25% with it). On CPU a group's worker waits between its passes, its
-free memory handed back to the OS, and takes the next pass with the callables it set up
-(effattn.bench.worker, ``persist``); elsewhere, and when it died or lacks a point, each pass
-gets a fresh worker (set-up and warm-up again).
+backends' ratios by up to 25% with it). On CPU a group's worker waits between its passes,
+holding its heap, and takes the next pass with the callables it set up (effattn.bench.worker,
+``persist``), while twice ``settings.mem_limit_mib`` stays available to the others; elsewhere,
+and when it died, was stopped for memory or lacks a point, a pass gets a fresh worker (set-up
+and warm-up again).
 A point that fails is final: its row is written at the end of its pass, so that it cuts the
 larger N of its curve in the same pass; the other rows of a group are written after its last
 pass (a kill loses the group's earlier passes, never a row).
@@ -79,7 +80,7 @@ import numpy as np
 import torch
 
 from effattn.bench import measure, stats
-from effattn.bench.allocator import can_keep_freed_memory
+from effattn.bench.allocator import available_bytes, can_keep_freed_memory
 from effattn.bench.spec import BASELINES, DTYPES, Point, SweepSpec, expand
 from effattn.bench.store import (
     ENV,
@@ -388,6 +389,22 @@ class GroupRun:
         self._stop_worker()
         self._launch()
 
+    def _keep_if_memory_allows(self) -> None:
+        """A paused worker holds its heap; stop it (the next pass gets a fresh worker) unless
+        twice ``settings.mem_limit_mib`` is still available to the groups that run
+        meanwhile."""
+        floor = 2 * self.spec.settings.mem_limit_mib * 2**20
+        available = available_bytes()
+        if available >= floor:
+            return
+        self._stop_worker()
+        if self.log is not None:
+            with self.log.open("a") as log:
+                log.write(
+                    f"--- stopped the waiting worker of {self.all[0].describe()}'s group: "
+                    f"{available / 2**30:.1f} GiB available, under twice the memory limit\n"
+                )
+
     def _stop_worker(self) -> None:
         """Tell a paused worker to end, and wait for it (kill it if it does not)."""
         worker, self.worker, self.paused = self.worker, None, False
@@ -489,6 +506,7 @@ class GroupRun:
                     self.worker = None
                 else:
                     self.paused = True
+                    self._keep_if_memory_allows()
                 for p in self._left():  # never happens with a sound worker; never silent
                     self.failed[p.key] = ("crashed", "the worker ended without measuring it")
         if self.worker is not None and self.worker is worker and not self.paused:

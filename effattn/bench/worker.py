@@ -21,11 +21,12 @@ of (round, point) measurements made by the parent (effattn.bench.runner). It:
    > 1 only the last pass does this.
 
 With passes on CPU (``persist``), a worker waits between the passes of its group instead of
-ending: it hands its heap's free memory back to the OS (effattn.bench.allocator), says
-"paused", and waits for the parent's next order, ``("go", schedule, finish_points, dropped)``
-or ``("stop",)``; on "go" it maps the heap it had again and times the next pass's rounds with
-the callables it built, no set-up or warm-up again (those were ~45 s of each pass of the tay
-preset).
+ending: it says "paused" and waits, its heap kept as it is, for the parent's next order,
+``("go", schedule, finish_points, dropped)`` or ``("stop",)`` (the parent stops it when the
+memory it holds is wanted: effattn.bench.runner). On "go" it times the next pass's rounds with
+the callables it built: no set-up, warm-up or page faults again. (Handing the heap's free
+memory back while waiting, and mapping it again before the next pass, made the rounds after
+it 11% slower and twice as noisy: the heap came back in another layout.)
 
 Every step that can fail runs under a memory cap: on CPU the soft RLIMIT_AS is set to the
 address space the worker holds plus ``settings.mem_limit_mib`` (Linux/macOS; an allocation
@@ -68,12 +69,7 @@ import torch
 import effattn.backends  # noqa: F401
 from effattn.bench import measure as measure_mod
 from effattn.bench import meters
-from effattn.bench.allocator import (
-    heap_bytes,
-    keep_freed_memory,
-    release_freed_memory,
-    reserve_heap,
-)
+from effattn.bench.allocator import keep_freed_memory, reserve_heap
 from effattn.bench.meters import MIB
 from effattn.bench.spec import Point, Settings
 
@@ -270,19 +266,16 @@ def group_main(
             if fields is not None:
                 conn.send(("done", key, fields))
 
-    heap_kept: int | None = None  # resumed: the heap before it was released
+    if kept:
+        reserve_heap()  # room for the rounds' own order of allocations, mapped before timing
     while True:
-        if kept:  # room for the rounds' own order of allocations, mapped before timing
-            reserve_heap(None if heap_kept is None else max(heap_kept - (heap_bytes() or 0), 0))
         follow(schedule)
         if finish_points:
             finish_all()
             break
         if not persist:
             break
-        heap_kept = heap_bytes() if kept else None
-        release_freed_memory()
-        conn.send(("paused",))
+        conn.send(("paused",))  # its heap kept as it is: the next pass needs no faults
         try:
             order = conn.recv()  # ("go", schedule, finish_points, keys to drop) or ("stop",)
         except EOFError:  # the parent is gone
