@@ -145,9 +145,9 @@ def test_bracket_every_comes_from_the_command_line(capsys):
     from effattn.cli import _sweep_spec, build_parser
 
     spec, _ = _sweep_spec(build_parser().parse_args(["sweep"]))
-    assert spec.settings.bracket_every == 3  # the tay preset's
-    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--bracket-every", "0"]))
-    assert spec.settings.bracket_every == 0 and overridden
+    assert spec.settings.bracket_every == 0  # the tay preset does not bracket
+    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--bracket-every", "3"]))
+    assert spec.settings.bracket_every == 3 and overridden
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", "--bracket-every", "-1"])
     assert "--bracket-every" in capsys.readouterr().err

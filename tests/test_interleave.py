@@ -231,6 +231,19 @@ def test_bracketing_cancels_a_drift_of_the_machine_within_a_round():
     assert bracketed["sdpa"]["rounds"] == 12 and bracketed["sdpa"]["speedup_vs_sdpa"] == 1.0
 
 
+def test_a_bracketed_sweep_writes_every_row_with_its_per_round_ratios(tmp_path: Path):
+    grid = Grid(backends=("full", "sdpa", "local"), seq_lens=(32,), heads=(1,), head_dim=(8,),
+                device=("cpu",), threads=(1,))  # fmt: skip
+    settings = Settings(min_run_time_s=0.03, rounds=3, bracket_every=1)
+    run_sweep(SweepSpec("bracketed", settings, (grid,)), tmp_path / "run")
+    rows = {r["label"]: r for r in ResultsFile(tmp_path / "run" / RESULTS).read()}
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    for row in rows.values():
+        assert row["rounds"] == 3 and len(row["speedup_vs_sdpa_rounds"]) == 3
+        assert len(row["speedup_vs_full_rounds"]) == 3
+    assert rows["sdpa"]["speedup_vs_sdpa_rounds"] == [1.0, 1.0, 1.0]
+
+
 def test_a_new_worker_takes_the_anchor_timings_its_round_still_lacks():
     grid = Grid(backends=("full", "sdpa", "local", "performer", "linear"), seq_lens=(64,),
                 heads=(1,), head_dim=(8,), device=("cpu",), threads=(1,))  # fmt: skip

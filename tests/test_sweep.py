@@ -16,7 +16,7 @@ import pytest
 
 from effattn import registry
 from effattn.bench.allocator import can_keep_freed_memory
-from effattn.bench.runner import GroupRun, run_sweep
+from effattn.bench.runner import run_sweep
 from effattn.bench.spec import Grid, Settings, SweepSpec, expand, load_preset
 from effattn.bench.store import RESULTS, ResultsFile
 
@@ -255,8 +255,8 @@ def _runs_of_n(log: Path) -> list[tuple[int, int]]:
 
 
 def test_passes_share_out_the_rounds_and_resume_after_a_kill(tmp_path: Path):
-    """2 passes of 2 rounds: N=32's group, N=64's, then each again (the worker that waited);
-    killed in N=64's second pass, the sweep has written nothing of N=64 and resumes it whole."""
+    """2 passes of 2 rounds: N=32's group, N=64's, then each again (a fresh worker); killed
+    in N=64's second pass, the sweep has written nothing of N=64 and resumes it whole."""
     command, log = _slow_sweep(tmp_path, passes=2)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -279,61 +279,6 @@ def test_passes_share_out_the_rounds_and_resume_after_a_kill(tmp_path: Path):
     assert len({r["key"] for r in after}) == len(after) == 6
     assert after[:3] == before
     assert all(r["status"] == "ok" and r["rounds"] == 4 for r in after)
-
-
-def _until_pass_done(run: GroupRun) -> None:
-    deadline = time.monotonic() + 60
-    while not run.poll():
-        assert time.monotonic() < deadline, run.phase
-        time.sleep(0.01)
-
-
-def test_a_worker_waits_between_passes_and_one_that_died_meanwhile_is_replaced(tmp_path: Path):
-    """On CPU a group's worker takes its next pass after waiting (no set-up again); one that
-    died while it waited is replaced by a fresh worker, and no round is lost either way."""
-    grid = dataclasses.replace(TINY, backends=("full", "sdpa"))
-    settings = dataclasses.replace(FAST, rounds=4, passes=2, mem_limit_mib=256)
-    spec = SweepSpec("passes", settings, (grid,))
-    points, _ = expand(spec, strict=True)
-    log = tmp_path / "worker.log"
-    pids = []
-    for kill in (False, True):
-        run = GroupRun(points, [], spec, log)
-        _until_pass_done(run)
-        assert run.paused and run.worker is not None and run.worker.proc.is_alive()
-        waited = run.worker.proc.pid
-        if kill:
-            os.kill(waited, signal.SIGKILL)
-            run.worker.proc.join()
-        assert run.next_pass()
-        pids.append((waited, run.worker.proc.pid))
-        _until_pass_done(run)
-        assert run.worker is None  # the last pass ended it
-        rows = run.rows()
-        assert [r.status for r in rows] == ["ok", "ok"] and all(r.rounds == 4 for r in rows)
-    (same_a, same_b), (dead, fresh) = pids
-    assert same_a == same_b and dead != fresh
-    assert log.read_text().count("--- ") == 3  # one worker, then one that died and its successor
-
-
-def test_a_waiting_worker_is_stopped_when_its_memory_is_wanted(tmp_path: Path, monkeypatch):
-    import effattn.bench.runner as runner
-
-    monkeypatch.setattr(runner, "available_bytes", lambda: 2**30)  # under 2 x 1024 MiB
-    grid = dataclasses.replace(TINY, backends=("full", "sdpa"))
-    settings = dataclasses.replace(FAST, rounds=4, passes=2, mem_limit_mib=1024)
-    spec = SweepSpec("passes", settings, (grid,))
-    points, _ = expand(spec, strict=True)
-    log = tmp_path / "worker.log"
-    run = GroupRun(points, [], spec, log)
-    _until_pass_done(run)
-    assert run.worker is None and not run.paused  # stopped, not waiting
-    assert run.next_pass()
-    _until_pass_done(run)
-    rows = run.rows()
-    assert [r.status for r in rows] == ["ok", "ok"] and all(r.rounds == 4 for r in rows)
-    assert "stopped the waiting worker" in log.read_text()
-    assert log.read_text().count("(pid ") == 2  # a fresh worker for the second pass
 
 
 def test_passes_are_checked():

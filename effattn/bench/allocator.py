@@ -108,7 +108,7 @@ def reserve_heap(extra: int | None = None) -> int:
     size = heap_bytes() if extra is None else extra
     if not size:
         return 0
-    size = min(size, available_bytes() // 2)
+    size = min(size, _available_bytes() // 2)
     try:
         block = torch.ones(size // 4, dtype=torch.float32)  # writes every page of it
     except RuntimeError:  # out of memory (a capped address space): reserve nothing
@@ -118,8 +118,7 @@ def reserve_heap(extra: int | None = None) -> int:
     return reserved
 
 
-def available_bytes() -> int:
-    """MemAvailable of /proc/meminfo, in bytes; 0 where it cannot be read."""
+def _available_bytes() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)

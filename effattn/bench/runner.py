@@ -11,27 +11,26 @@ effattn.bench.spec.expand):
   then ``settings.rounds`` rounds, each timing every point once in a fresh shuffled order
   (:func:`round_schedule`), then memory and error.
 
-Bracketing (``settings.bracket_every`` k > 0): the group's anchor, ``sdpa`` (else ``full``),
-does not take a place in the shuffled order; each round times it first and again after every
-k of the other points (:func:`round_schedule`), and a point's ratios divide its time by the
-mean of the anchor timings just before and after it (:func:`bracket_refs`,
-effattn.bench.stats.round_ratios). The load of a 2-core VM changes within seconds, and a
-round of a large group lasts seconds, so a point and the anchor timed once each per round saw
-different loads; timed beside it, they see one. On the tay preset's groups, the per-round
-spread (SD of log speed-up vs sdpa) fell from 0.09-0.17 to 0.07-0.09 with k = 3 (four anchor
-timings a round in a group of ten), as much as 2.5x the rounds would give, for 1.5x the time.
+Bracketing (``settings.bracket_every`` k > 0; off by default): the group's anchor, ``sdpa``
+(else ``full``), does not take a place in the shuffled order; each round times it first and
+again after every k of the other points (:func:`round_schedule`), and a point's ratios divide
+its time by the mean of the anchor timings just before and after it (:func:`bracket_refs`,
+effattn.bench.stats.round_ratios), so that a ratio compares timings taken seconds apart, not up
+to a round apart (15 s in the tay preset's largest group). Timed alone, one group at a time,
+it cut the per-round spread of the speed-up vs sdpa (SD of its log) from 0.12-0.17 to
+0.05-0.09; in the tay preset (k = 3, 12 rounds in 2 passes, 1.5x the time per round) from 0.12
+to 0.095, and two runs then agreed on 89% of the speed-ups vs sdpa (18 rounds unbracketed:
+87-93%) but 84% of those vs full (91-94%): pair 16 of reports/tay-cpu-agreement-history.md. The
+preset does not bracket.
 
 Passes (``settings.passes`` P > 1): the rounds are shared out over P passes through the sweep's
 groups (10 rounds in 3 passes: rounds 0-3 of every group, then 4-6 of every group, then 7-9),
-memory and error in the last. A disturbance of the machine that lasts a minute or two then
-lands on a few rounds of many groups, which their medians over rounds shrug off, rather than on
-every round of one group, which moves its cells (two runs of the tay preset disagreed by up to
-30% that way; the machine's speed changed by up to 1.8x between two passes of one run, and the
-backends' ratios by up to 25% with it). On CPU a group's worker waits between its passes,
-holding its heap, and takes the next pass with the callables it set up (effattn.bench.worker,
-``persist``), while twice ``settings.mem_limit_mib`` stays available to the others; elsewhere,
-and when it died, was stopped for memory or lacks a point, a pass gets a fresh worker (set-up
-and warm-up again).
+each pass of a group in a fresh worker (set-up and warm-up again), memory and error in the
+last. A disturbance of the machine that lasts a minute or two then lands on a few rounds of
+many groups, which their medians over rounds shrug off, rather than on every round of one
+group, which moves its cells (two runs of the tay preset disagreed by up to 30% that way; the
+machine's speed changed by up to 1.8x between two passes of one run, and the backends' ratios
+by up to 25% with it).
 A point that fails is final: its row is written at the end of its pass, so that it cuts the
 larger N of its curve in the same pass; the other rows of a group are written after its last
 pass (a kill loses the group's earlier passes, never a row).
@@ -62,7 +61,6 @@ time / this time, taken per round) with theirs.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import datetime as dt
 import multiprocessing as mp
@@ -80,7 +78,7 @@ import numpy as np
 import torch
 
 from effattn.bench import measure, stats
-from effattn.bench.allocator import available_bytes, can_keep_freed_memory
+from effattn.bench.allocator import can_keep_freed_memory
 from effattn.bench.spec import BASELINES, DTYPES, Point, SweepSpec, expand
 from effattn.bench.store import (
     ENV,
@@ -146,13 +144,11 @@ class RunningWorker:
         args: tuple,
         limit_s: float,
         log: Path | None = None,
-        duplex: bool = False,
     ) -> RunningWorker:
         """Fork a worker (from the forkserver) running ``target(conn, *args)`` for ``job``;
-        ``target`` must be importable (a module-level function) and send one result dict.
-        ``duplex``: the parent may send on ``conn`` too."""
+        ``target`` must be importable (a module-level function) and send one result dict."""
         ctx = _context()
-        parent, child = ctx.Pipe(duplex=duplex)
+        parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=target, args=(child, *args), daemon=True)
         proc.start()
         child.close()
@@ -307,11 +303,6 @@ class GroupRun:
         self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
         self.passes = spec.settings.pass_rounds()
         self.pass_index = 0  # the pass being measured (settings.passes)
-        # CPU workers wait between passes (effattn.bench.worker): no set-up again
-        cpu = all(p.device == "cpu" for p in self.all)
-        self.persist = len(self.passes) > 1 and cpu and gpu is None
-        self.paused = False  # the worker finished a pass and waits for the next
-        self.worker_keys: set[str] = set()  # the points the worker set up
         self.written: set[str] = set()  # keys whose rows the caller has taken (failed_rows)
         self.accounted_s = 0.0  # of wall_s(), what the caller's progress counted already
         self.phase = ""  # what the worker said it is doing: "lsh round 2/5"
@@ -323,7 +314,7 @@ class GroupRun:
     @property
     def finished(self) -> bool:
         """The current pass is done (and with it the group, when :attr:`last_pass`)."""
-        return self.worker is None or self.paused
+        return self.worker is None
 
     @property
     def last_pass(self) -> bool:
@@ -362,61 +353,9 @@ class GroupRun:
             self.worker = None
             return
         settings, plugins = self.spec.settings, list(self.spec.plugins)
-        todo, last = self._todo(), self.last_pass
-        args = (left, settings, plugins, todo, self.log, self.gpu, last, self.persist)
-        self.worker = RunningWorker.start_target(
-            self, group_main, args, self.limit_s, self.log, duplex=self.persist
-        )
-        self.worker_keys = {p.key for p in left}
+        args = (left, settings, plugins, self._todo(), self.log, self.gpu, self.last_pass)
+        self.worker = RunningWorker.start_target(self, group_main, args, self.limit_s, self.log)
         self._switch(left[0].key)  # the start of a worker counts against its first point
-
-    def _resume(self) -> None:
-        """Give the paused worker the current pass; a fresh worker instead when it cannot take
-        it (it died while waiting, or never set up a point the pass needs)."""
-        worker, left = self.worker, self._left()
-        self.paused = False
-        keys = {p.key for p in left}
-        if worker is not None and left and keys <= self.worker_keys and worker.proc.is_alive():
-            dropped = sorted(self.worker_keys - keys)  # failed or skipped since
-            try:
-                worker.conn.send(("go", self._todo(), self.last_pass, dropped))
-            except OSError:
-                pass
-            else:
-                self.worker_keys = keys
-                self._switch(left[0].key)
-                return
-        self._stop_worker()
-        self._launch()
-
-    def _keep_if_memory_allows(self) -> None:
-        """A paused worker holds its heap; stop it (the next pass gets a fresh worker) unless
-        twice ``settings.mem_limit_mib`` is still available to the groups that run
-        meanwhile."""
-        floor = 2 * self.spec.settings.mem_limit_mib * 2**20
-        available = available_bytes()
-        if available >= floor:
-            return
-        self._stop_worker()
-        if self.log is not None:
-            with self.log.open("a") as log:
-                log.write(
-                    f"--- stopped the waiting worker of {self.all[0].describe()}'s group: "
-                    f"{available / 2**30:.1f} GiB available, under twice the memory limit\n"
-                )
-
-    def _stop_worker(self) -> None:
-        """Tell a paused worker to end, and wait for it (kill it if it does not)."""
-        worker, self.worker, self.paused = self.worker, None, False
-        if worker is None:
-            return
-        with contextlib.suppress(OSError):
-            worker.conn.send(("stop",))
-        worker.proc.join(timeout=10)
-        if worker.proc.is_alive():
-            worker.kill()
-        else:
-            worker.conn.close()
 
     def next_pass(self, skipped: dict[str, str] | None = None) -> bool:
         """Start the next pass (a fresh worker) after a pass that is not the last; ``skipped``:
@@ -426,10 +365,7 @@ class GroupRun:
         self.pass_index += 1
         for key, reason in (skipped or {}).items():
             self.failed.setdefault(key, ("skipped", reason))
-        if self.paused:
-            self._resume()
-        else:
-            self._launch()
+        self._launch()
         return not self.finished
 
     def failed_rows(self) -> list[Row]:
@@ -454,7 +390,7 @@ class GroupRun:
         return self.since + self.limit_s - self.spent[self.current]
 
     def waitables(self) -> list:
-        return [] if self.finished else self.worker.waitables()
+        return [] if self.worker is None else self.worker.waitables()
 
     def _fail(self, status: str, reason: str) -> None:
         """The worker is gone: the point it was on gets the status; a new worker goes on."""
@@ -471,12 +407,9 @@ class GroupRun:
         self.sequence[r].append((key, float(np.median(times))))
 
     def poll(self) -> bool:
-        """Handle what the worker said, its death or its overrun; True once the current pass
-        is done (the group's, when it was the last)."""
-        if self.paused:
-            return True
+        """Handle what the worker said, its death or its overrun; True once the group is done."""
         worker = self.worker
-        while worker is not None and worker is self.worker and not self.paused:
+        while worker is not None and worker is self.worker:
             try:
                 if not worker.conn.poll(0):
                     break
@@ -498,18 +431,14 @@ class GroupRun:
             elif kind == "done":
                 key, fields = rest
                 self.fields[key] = fields
-            elif kind in ("end", "paused"):
+            elif kind == "end":
                 self._switch(None)
-                if kind == "end":
-                    worker.conn.close()
-                    worker.proc.join(timeout=30)
-                    self.worker = None
-                else:
-                    self.paused = True
-                    self._keep_if_memory_allows()
+                worker.conn.close()
+                worker.proc.join(timeout=30)
                 for p in self._left():  # never happens with a sound worker; never silent
                     self.failed[p.key] = ("crashed", "the worker ended without measuring it")
-        if self.worker is not None and self.worker is worker and not self.paused:
+                self.worker = None
+        if self.worker is not None and self.worker is worker:
             if not worker.proc.is_alive() and not worker.conn.poll(0):
                 self._fail(*worker.dead())
             elif time.monotonic() >= self.deadline():

@@ -78,9 +78,9 @@ class Settings:
     cuda_repeats: int = 20  # timed runs (blocks) per point on CUDA, split over the rounds
     rounds: int = 5  # interleaved rounds: each times every point of a comparison group once
     passes: int = 1  # the rounds of every group split over this many passes through the sweep
-    bracket_every: int = 3  # the group's anchor (sdpa, else full) is timed again after every
-    # this many points of a round, so each point's ratios use anchor timings taken beside it
-    # (effattn.bench.runner); 0: the anchor is timed once a round, like every point
+    bracket_every: int = 0  # > 0: the group's anchor (sdpa, else full) is timed again after
+    # every this many points of a round, and each point's ratios use the anchor timings beside
+    # it (effattn.bench.runner); 0: the anchor is timed once a round, like every point
     error_max_n: int = 4096  # approximate backends: error vs float64 full up to this N
     step_layers: int = 2  # mode "step": encoder layers (d_model = heads * head_dim)
     step_ffn_mult: int = 2  # mode "step": feed-forward width = step_ffn_mult * d_model

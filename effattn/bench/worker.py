@@ -18,15 +18,7 @@ of (round, point) measurements made by the parent (effattn.bench.runner). It:
    in its own shuffled order, so a change of machine load lands on every point of a round;
 4. measures each point's peak memory (effattn.bench.meters), and for approximate backends the
    error against float64 ``full`` (one reference for the whole group); with ``settings.passes``
-   > 1 only the last pass does this.
-
-With passes on CPU (``persist``), a worker waits between the passes of its group instead of
-ending: it says "paused" and waits, its heap kept as it is, for the parent's next order,
-``("go", schedule, finish_points, dropped)`` or ``("stop",)`` (the parent stops it when the
-memory it holds is wanted: effattn.bench.runner). On "go" it times the next pass's rounds with
-the callables it built: no set-up, warm-up or page faults again. (Handing the heap's free
-memory back while waiting, and mapping it again before the next pass, made the rounds after
-it 11% slower and twice as noisy: the heap came back in another layout.)
+   > 1 a group has a worker per pass, and only the last pass's worker does this.
 
 Every step that can fail runs under a memory cap: on CPU the soft RLIMIT_AS is set to the
 address space the worker holds plus ``settings.mem_limit_mib`` (Linux/macOS; an allocation
@@ -41,7 +33,6 @@ dies loses nothing but the measurement it was making)::
     ("round", key, r, times_ms)      round r of ``key``: per-call ms of each timed block
     ("failed", key, status, reason)  ``key`` raised: status oom or crashed
     ("done", key, fields)            peak_mem_mib, flops, rel_error, device_name, gpu
-    ("paused",)                      a pass before the last is done (``persist``): waiting
     ("end",)
 
 The time limit is enforced by the parent, which kills the worker; the parent also learns from
@@ -177,14 +168,12 @@ def group_main(
     log: Path | None = None,
     gpu: str | None = None,
     finish_points: bool = True,
-    persist: bool = False,
 ) -> None:
     """Process target: set up ``points`` (one comparison group), time them following
     ``schedule`` ((round, point key) pairs, in order), then measure their memory and error
     (unless ``finish_points`` is False: a pass before the last), reporting over ``conn`` as
     described in the module docstring. stdout and stderr go to ``log`` (appended) when given;
-    ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins the one GPU. ``persist``: after a pass before
-    the last, wait for the parent's next order on ``conn`` (a duplex pipe) instead of ending."""
+    ``gpu`` (a CUDA_VISIBLE_DEVICES value) pins the one GPU."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is initialised in this process
     first = points[0]
@@ -224,67 +213,42 @@ def group_main(
         built = attempt(point, "set-up", set_up)
         if built is not None:
             ready[point.key] = built
-
-    def follow(schedule: list[tuple[int, str]]) -> None:
-        for r, key in schedule:
-            if key not in ready:
-                continue
-            point, fn, number = ready[key]
-            per_round, blocks, _ = _round_budget(point, settings)
-            times = attempt(
-                point,
-                f"round {r + 1}/{settings.rounds}",
-                lambda fn=fn, number=number, per_round=per_round, blocks=blocks: meters.time_blocks(
-                    fn, number=number, min_time_s=per_round, min_blocks=blocks, sync=sync
-                ),
-            )
-            if times is not None:
-                conn.send(("round", key, r, times))
-
-    def finish_all() -> None:
-        for key in list(ready):
-            point, fn, _ = ready.pop(key)
-
-            def finish(point: Point = point, fn: Callable[[], object] = fn) -> dict[str, Any]:
-                nonlocal reference
-                if point.device == "cuda":
-                    peak = meters.peak_memory_cuda(fn)
-                else:
-                    peak = meters.peak_memory_cpu(fn)
-                fields = {
-                    "peak_mem_mib": peak / MIB,
-                    "flops": measure_mod.point_flops(point, settings),
-                }
-                if measure_mod.wants_error(point, settings):
-                    if reference is None:
-                        reference = measure_mod.reference_output(point)
-                    fields["rel_error"] = measure_mod.relative_error(point, reference)
-                return {**fields, **_device_of(point)}
-
-            fields = attempt(point, "memory", finish)
-            del fn
-            if fields is not None:
-                conn.send(("done", key, fields))
-
     if kept:
         reserve_heap()  # room for the rounds' own order of allocations, mapped before timing
-    while True:
-        follow(schedule)
-        if finish_points:
-            finish_all()
-            break
-        if not persist:
-            break
-        conn.send(("paused",))  # its heap kept as it is: the next pass needs no faults
-        try:
-            order = conn.recv()  # ("go", schedule, finish_points, keys to drop) or ("stop",)
-        except EOFError:  # the parent is gone
-            return
-        if order[0] != "go":
-            break
-        _, schedule, finish_points, dropped = order
-        for key in dropped:
-            ready.pop(key, None)
+    for r, key in schedule:
+        if key not in ready:
+            continue
+        point, fn, number = ready[key]
+        per_round, blocks, _ = _round_budget(point, settings)
+        times = attempt(
+            point,
+            f"round {r + 1}/{settings.rounds}",
+            lambda fn=fn, number=number, per_round=per_round, blocks=blocks: meters.time_blocks(
+                fn, number=number, min_time_s=per_round, min_blocks=blocks, sync=sync
+            ),
+        )
+        if times is not None:
+            conn.send(("round", key, r, times))
+    for key in list(ready) if finish_points else ():
+        point, fn, _ = ready.pop(key)
+
+        def finish(point: Point = point, fn: Callable[[], object] = fn) -> dict[str, Any]:
+            nonlocal reference
+            if point.device == "cuda":
+                peak = meters.peak_memory_cuda(fn)
+            else:
+                peak = meters.peak_memory_cpu(fn)
+            fields = {"peak_mem_mib": peak / MIB, "flops": measure_mod.point_flops(point, settings)}
+            if measure_mod.wants_error(point, settings):
+                if reference is None:
+                    reference = measure_mod.reference_output(point)
+                fields["rel_error"] = measure_mod.relative_error(point, reference)
+            return {**fields, **_device_of(point)}
+
+        fields = attempt(point, "memory", finish)
+        del fn
+        if fields is not None:
+            conn.send(("done", key, fields))
     conn.send(("end",))
     conn.close()
 
