@@ -17,11 +17,11 @@ again after every k of the other points (:func:`round_schedule`), and a point's 
 its time by the mean of the anchor timings just before and after it (:func:`bracket_refs`,
 effattn.bench.stats.round_ratios), so that a ratio compares timings taken seconds apart, not up
 to a round apart (15 s in the tay preset's largest group). Timed alone, one group at a time,
-it cut the per-round spread of the speed-up vs sdpa (SD of its log) from 0.12-0.17 to
-0.05-0.09; in the tay preset (k = 3, 12 rounds in 2 passes, 1.5x the time per round) from 0.12
-to 0.095, and two runs then agreed on 89% of the speed-ups vs sdpa (18 rounds unbracketed:
-87-93%) but 84% of those vs full (91-94%): pair 16 of reports/tay-cpu-agreement-history.md. The
-preset does not bracket.
+with the anchor between every two points, it cut the per-round spread of the speed-up vs sdpa
+(SD of its log) from 0.09-0.17 to 0.05-0.08; in the tay preset (k = 3, 12 rounds in 2
+passes, 1.5x the time per round) from 0.12 to 0.095, and two runs then agreed on 89% of the
+speed-ups vs sdpa (18 rounds unbracketed: 87-93%) but 84% of those vs full (91-94%): pair 16
+of reports/tay-cpu-agreement-history.md. The preset does not bracket.
 
 Passes (``settings.passes`` P > 1): the rounds are shared out over P passes through the sweep's
 groups (10 rounds in 3 passes: rounds 0-3 of every group, then 4-6 of every group, then 7-9),
