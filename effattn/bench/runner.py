@@ -455,11 +455,12 @@ class GroupRun:
         """The rows of ``points`` (not of the references) not taken yet, once the last pass
         is :attr:`finished`."""
         baselines = {p.label: p.key for p in self.all if p.label in BASELINES}
-        refs: dict[str, list[float | None]] = {p.key: [] for p in self.all}
-        for r in range(len(self.sequence)):
-            beside = bracket_refs(self.sequence[r], self.anchor) if self.anchor else {}
-            for key, per_round in refs.items():
-                per_round.append(beside.get(key))
+        # per point and round, the anchor's time beside it (None: not bracketed)
+        refs: dict[str, list[float | None]] = {p.key: [None] * len(self.sequence) for p in self.all}
+        if self.anchor is not None:
+            for r, timings in self.sequence.items():
+                for key, ref in bracket_refs(timings, self.anchor).items():
+                    refs[key][r] = ref
         rows = []
         for point in self.points:
             wall = round(self.spent[point.key], 3)
