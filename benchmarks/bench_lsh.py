@@ -7,16 +7,17 @@ core runs. All three use shared-QK, chunks of ``bucket_size`` attending to thems
 previous chunk, N / bucket_size buckets, no dedup, forward only under ``torch.no_grad()``.
 
 Timings are interleaved (every implementation once per repeat, effattn.bench.interleave) in one
-process with the thread count pinned; the table gives the median over repeats of each repeat's
-median, the spread (IQR / median), the peer / ours time ratio (median of per-repeat ratios) and
-the peak memory of one call above what was live before it (effattn.bench.meters). Also: our
-peak memory at a 4x longer N, and an alignment check: with one hash round and
-N = 2 * bucket_size every pair is met once, so all three must equal exact shared-QK attention
-with self-exclusion under their own scale (reformer-pytorch: 1/sqrt(D) with unit keys; HF: 1
-with unit keys). With several rounds the outputs differ by design, not only by the random
+process with the thread count pinned and freed memory kept for the next call, as in the sweep
+(benchmarks.machine; ``--system-malloc``: the C library's malloc as it comes); the table gives the
+median over repeats of each repeat's median, the spread (IQR / median), the peer / ours time ratio
+(median of per-repeat ratios) and the peak memory of one call above what was live before it
+(effattn.bench.meters). Also: our peak memory at a 4x longer N, and an alignment check: with one
+hash round and N = 2 * bucket_size every pair is met once, so all three must equal exact shared-QK
+attention with self-exclusion under their own scale (reformer-pytorch: 1/sqrt(D) with unit keys; HF:
+1 with unit keys). With several rounds the outputs differ by design, not only by the random
 rotations: both peers sort all rounds into one sequence, so the first chunk of round r looks back
-into the last chunk of round r-1 (which can repeat a pair, or the query itself, within the
-window); effattn keeps rounds apart.
+into the last chunk of round r-1 (which can repeat a pair, or the query itself, within the window);
+effattn keeps rounds apart.
 
     .venv/bin/python -m benchmarks.bench_lsh                       # N = 4096, 4 and 8 hashes
     .venv/bin/python -m benchmarks.bench_lsh --n 1024 --repeats 2 --long-n 4096
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import effattn
-from benchmarks import vs_sdpa
+from benchmarks import machine, vs_sdpa
 from effattn.backends.lsh.lsh import SELF_ATTENTION_BIAS
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
@@ -234,7 +235,7 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--long-n", type=int, default=16384, help="N of the memory scaling check")
@@ -252,14 +253,16 @@ def main() -> None:
         help="only the GFLOP/s fraction of dense SDPA (benchmarks.vs_sdpa) at --vs-sdpa-ns",
     )
     parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
-    args = parser.parse_args()
+    machine.add_system_malloc_flag(parser)
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
     if args.vs_sdpa:
         ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
         rows = vs_sdpa.vs_sdpa(("lsh",), ns, repeats=args.repeats, threads=args.threads)
-        command = "python -m benchmarks.bench_lsh " + " ".join(sys.argv[1:])
-        print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command))
+        command = "python -m benchmarks.bench_lsh " + " ".join(argv)
+        print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command, setup))
         return
 
     rows = [
@@ -287,10 +290,13 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
+    record = setup.record()
     (args.out / "bench_lsh.md").write_text(
         f"# lsh vs peers (CPU, B=1, H=8, D=64, fp32, bucket {args.bucket_size}, "
-        f"forward, no_grad, {args.threads} threads, {args.repeats} interleaved repeats)\n\n"
-        f"Load average at the end (1, 5, 15 min): {os.getloadavg()} on {os.cpu_count()} cores; "
+        f"forward, no_grad, {args.repeats} interleaved repeats)\n\n"
+        f"`python -m benchmarks.bench_lsh {' '.join(argv)}`; {machine.describe(record)}. "
+        f"Load average (1, 5, 15 min) {record['load_average_start']} at the start, "
+        f"{record['load_average_end']} at the end, on {os.cpu_count()} cores; "
         "time_ratio_vs_ours > 1: the peer is slower.\n\n"
         f"{table}\n\n## Our peak memory, N={args.n} -> {args.long_n}\n\n"
         f"```\n{json.dumps(scaling, indent=1)}\n```\n\n"
@@ -310,7 +316,8 @@ def main() -> None:
                 "alignment": alignment,
                 "forward_backward": backward,
                 "torch": torch.__version__,
-                "load_average": os.getloadavg(),
+                "command": f"python -m benchmarks.bench_lsh {' '.join(argv)}",
+                **record,
             },
             indent=1,
         )

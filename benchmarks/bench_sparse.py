@@ -10,11 +10,12 @@ Peers, all called on the same (B, H, N, D) tensors in one process:
     random blocks are drawn, dropout 0) with its query/key/value projections replaced by the
     identity so that only the attention core runs, as ours.
 Timings are interleaved (each candidate once per repeat, effattn.bench.interleave with
-meters.time_cpu and the thread count pinned); tables give the median over repeats of each
-repeat's median, the spread (IQR / median of the repeats' medians) and peer / ours (the median
-of per-repeat ratios). Peak memory: bytes allocated above the inputs during one forward
-(meters.peak_memory_cpu). Memory exponents: the slope of log(peak) over log(N) for
-N = 2K..32K, and peak(16K) / peak(4K) (target <= 4.5).
+meters.time_cpu and the thread count pinned; freed memory kept for the next call, as in the sweep:
+benchmarks.machine, ``--system-malloc`` times with the C library's malloc as it comes); tables give
+the median over repeats of each repeat's median, the spread (IQR / median of the repeats' medians)
+and peer / ours (the median of per-repeat ratios). Peak memory: bytes allocated above the inputs
+during one forward (meters.peak_memory_cpu). Memory exponents: the slope of log(peak) over log(N)
+for N = 2K..32K, and peak(16K) / peak(4K) (target <= 4.5).
 
     .venv/bin/python -m benchmarks.bench_sparse                      # writes reports/sparse/
     .venv/bin/python -m benchmarks.bench_sparse --repeats 2 --no-peers --mem-ns 2048,4096
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 from collections.abc import Callable
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 
 import effattn
-from benchmarks import vs_sdpa
+from benchmarks import machine, vs_sdpa
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
 from effattn.ops import clear_cache
@@ -241,13 +243,16 @@ def _table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, args: argparse.Namespace, timings, memory, align) -> None:
+def write_report(
+    out: Path, args: argparse.Namespace, setup: dict[str, object], timings, memory, align
+) -> None:
+    """results.json and README.md in ``out``; ``setup``: benchmarks.machine.CpuSetup.record()."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
-        "threads": args.threads,
+        **setup,
         "machine": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "shape": f"B={B}, H={H}, N={args.n}, D={D}, float32",
         "command": "python -m benchmarks.bench_sparse " + " ".join(args.argv),
     }
@@ -264,8 +269,9 @@ def write_report(out: Path, args: argparse.Namespace, timings, memory, align) ->
     text = [
         "# Sparse backends on CPU: local, strided, bigbird vs peers",
         "",
-        f"Produced by `{meta['command']}` (torch {meta['torch']}, "
-        f"{args.threads} threads pinned, {meta['shape']}).",
+        f"Produced by `{meta['command']}` (torch {meta['torch']}, {meta['shape']}; "
+        f"{machine.describe(meta)}; load average (1, 5, 15 min) "
+        f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end).",
         "Each candidate timed once per repeat, interleaved with the others of its case; "
         "time = median over repeats of each repeat's median (torch.utils.benchmark), "
         "ratio_to_ours = median of per-repeat peer/ours ratios (> 1: ours is faster), "
@@ -325,23 +331,24 @@ def main(argv: list[str] | None = None) -> None:
         help="only the GFLOP/s fraction of dense SDPA (benchmarks.vs_sdpa) at --vs-sdpa-ns",
     )
     parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
+    machine.add_system_malloc_flag(parser)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    torch.set_num_threads(args.threads)
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
     if args.vs_sdpa:
         ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
         rows = vs_sdpa.vs_sdpa(
             ("bigbird", "local", "strided"), ns, repeats=args.repeats, threads=args.threads
         )
         command = "python -m benchmarks.bench_sparse " + " ".join(args.argv)
-        print(vs_sdpa.write(rows, Path(args.out) / "vs_sdpa.md", command))
+        print(vs_sdpa.write(rows, Path(args.out) / "vs_sdpa.md", command, setup))
         return
     align = alignment_check(1024) if not args.no_peers else {}
     timings = run_timings(
         args.n, args.repeats, args.threads, not args.no_peers, args.min_run_s, args.only
     )
     memory = memory_exponents([int(x) for x in args.mem_ns.split(",")])
-    write_report(Path(args.out), args, timings, memory, align)
+    write_report(Path(args.out), args, setup.record(), timings, memory, align)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ backend against dense causal attention.
 3. backend: ``xl`` (segment 256, memory 256) against sdpa and full, causal, N = 4096, forward.
 
 Timings are interleaved (every implementation once per repeat, effattn.bench.interleave) in one
-process with the thread count pinned; tables give the median over repeats of each repeat's
-median, the spread (IQR / median) and the time ratio against ours (median of per-repeat
-ratios); memory is the peak of one call above what was live before it (effattn.bench.meters).
+process with the thread count pinned and freed memory kept for the next call, as in the sweep
+(benchmarks.machine; ``--system-malloc``: the C library's malloc as it comes); tables give the
+median over repeats of each repeat's median, the spread (IQR / median) and the time ratio against
+ours (median of per-repeat ratios); memory is the peak of one call above what was live before it
+(effattn.bench.meters).
 
     .venv/bin/python -m benchmarks.bench_xl                 # everything, writes reports/xl/
     .venv/bin/python -m benchmarks.bench_xl --parts layer --repeats 2
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 import effattn
+from benchmarks import machine
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
 from effattn.nn import TransformerXLAttention
@@ -185,7 +189,7 @@ def _markdown(rows: list[Row]) -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="layer,decode,backend")
     parser.add_argument("--qlen", type=int, default=2048)
@@ -195,15 +199,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("reports/xl"))
-    args = parser.parse_args()
+    machine.add_system_malloc_flag(parser)
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
     kw = {"threads": args.threads, "repeats": args.repeats, "min_run_time_s": args.min_run_time}
     parts = args.parts.split(",")
     rows: list[Row] = []
     meta: dict[str, object] = {
         "torch": torch.__version__,
-        "threads": args.threads,
+        "command": " ".join(["python -m benchmarks.bench_xl", *argv]),
         "machine": platform.processor() or platform.machine(),
         "repeats": args.repeats,
     }
@@ -221,9 +227,14 @@ def main() -> None:
         backend_rows = bench_backend(4096, **kw)
         rows += backend_rows
         print(_markdown(backend_rows), flush=True)
+    meta.update(setup.record())
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "_".join(parts)
-    (args.out / f"bench_xl_{tag}.md").write_text(_markdown(rows))
+    (args.out / f"bench_xl_{tag}.md").write_text(
+        f"`{meta['command']}`: torch {meta['torch']}, {machine.describe(meta)}; load average "
+        f"(1, 5, 15 min) {meta['load_average_start']} at the start, "
+        f"{meta['load_average_end']} at the end.\n\n{_markdown(rows)}"
+    )
     (args.out / f"bench_xl_{tag}.json").write_text(
         json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
     )

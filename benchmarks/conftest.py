@@ -1,7 +1,22 @@
 import pytest
 import torch
 
-from benchmarks.settings import THREADS
+from benchmarks import machine
+from benchmarks.settings import SYSTEM_MALLOC, THREADS
+
+_SETUP = pytest.StashKey[machine.CpuSetup]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's process keeps freed memory for the next call, as the sweep's workers do
+    (benchmarks.machine; EFFATTN_BENCH_SYSTEM_MALLOC=1 leaves the C library's malloc as it
+    comes)."""
+    config.stash[_SETUP] = machine.prepare_cpu(THREADS, system_malloc=SYSTEM_MALLOC)
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """A saved run records the thread count, the malloc policy and the load average."""
+    machine_info["effattn_cpu_setup"] = config.stash[_SETUP].record()
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,9 @@ backward, SGD update, batch 1, float32, causal, no padding. Implementations: tra
 ``sdpa`` (the baseline) and every effattn backend registered by
 ``effattn.integrations.huggingface.register()`` that can train on the device (on CPU the Triton
 backend runs under its interpreter and is left out). Timings are interleaved (every N and
-implementation once per repeat) in one process with the thread count pinned; the table gives
+implementation once per repeat) in one process with the thread count pinned and freed memory
+kept for the next call, as in the sweep (benchmarks.machine; ``--system-malloc``: the C library's
+malloc as it comes); the table gives
 the median over repeats of each repeat's median, its spread, the speed-up against ``sdpa`` and
 the peak memory of a step above what was live before it.
 
@@ -25,6 +27,7 @@ import pandas as pd
 import torch
 
 import effattn
+from benchmarks import machine
 from effattn.bench.meters import MIB, peak_memory_cpu, peak_memory_cuda, time_cpu, time_cuda
 from effattn.integrations import huggingface
 
@@ -88,7 +91,6 @@ def make_step(model: torch.nn.Module, implementation: str, ids: torch.Tensor):
 
 def measure(args: argparse.Namespace) -> list[StepRow]:
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     huggingface.register()
     implementations = args.backends or default_implementations(args.device)
     model = build_model(args.device)
@@ -155,12 +157,14 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=1.0, help="CPU seconds per timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    machine.add_system_malloc_flag(parser)
     args = parser.parse_args()
     import transformers
 
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, effattn "
-        f"{effattn.__version__}, device {args.device}, threads {args.threads}, "
+        f"{effattn.__version__}, device {args.device}, {machine.describe(setup.record())}, "
         f"repeats {args.repeats}, backends {effattn.list_backends()}"
     )
     frame = table(measure(args))

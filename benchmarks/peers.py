@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 import effattn
-from effattn.bench.allocator import keep_freed_memory
+from benchmarks import machine
 from effattn.bench.interleave import Interleaved, time_interleaved
 from effattn.bench.meters import MIB, peak_memory_cpu
 
@@ -577,8 +577,8 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def environment(threads: int) -> dict[str, object]:
-    """Versions, threads and machine of this run."""
+def environment() -> dict[str, object]:
+    """Versions and machine of this run."""
     versions = {}
     for package in PEER_PACKAGES:
         try:
@@ -588,7 +588,6 @@ def environment(threads: int) -> dict[str, object]:
     return {
         "versions": versions,
         "python": platform.python_version(),
-        "threads": threads,
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "shape": f"B={B}, H={H}, N=n, D={D}, float32, forward, no_grad",
@@ -604,16 +603,11 @@ def write_report(out: Path, rows: list[Row], meta: dict[str, object]) -> None:
     text = [
         "# effattn beside the peers (CPU)",
         "",
-        f"Produced by `{meta['command']}` in one process: {meta['threads']} threads pinned, "
+        f"Produced by `{meta['command']}` in one process: {machine.describe(meta)}; "
         f"N={meta['n']}, {meta['repeats']} interleaved repeats, {versions}; "
         f"{meta['machine']}, {meta['cpu_count']} cores; load average (1, 5, 15 min) "
         f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end; "
-        f"{meta['wall_s']:.0f} s in all; "
-        + (
-            "freed memory kept for the next call (effattn.bench.allocator)."
-            if meta.get("freed_memory_kept")
-            else "the C library's malloc as it comes."
-        ),
+        f"{meta['wall_s']:.0f} s in all.",
         "",
         "Shape (B, H, N, D) = (1, 8, N, 64), fp32, forward, bidirectional (causal where the "
         "key says so), under no_grad (xl: qlen N/2 + memory N/2, d_model 512; linformer and "
@@ -660,25 +654,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--min-run-s", type=float, default=0.5, help="per timing, seconds")
     parser.add_argument("--bucket-size", type=int, default=64, help="lsh bucket (chunk) size")
     parser.add_argument("--hashes", type=int, default=4, help="lsh hash rounds")
-    parser.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="time with the C library's malloc as it comes, instead of keeping freed memory "
-        "for the next call as the sweep does",
-    )
+    machine.add_system_malloc_flag(parser)
     args = parser.parse_args(argv)
     chosen = selected(args.only, comparisons(args.bucket_size, args.hashes))
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    kept = not args.system_malloc and keep_freed_memory()  # as the sweep's workers do
-    meta = environment(args.threads)
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
+    meta = environment()
     meta.update(
-        freed_memory_kept=kept,
         n=args.n,
         repeats=args.repeats,
         min_run_s=args.min_run_s,
         command=" ".join(["python -m benchmarks.peers", *(sys.argv[1:] if argv is None else argv)]),
-        load_average_start=tuple(round(x, 2) for x in os.getloadavg()),
     )
     start = time.perf_counter()
     rows: list[Row] = []
@@ -688,8 +674,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         )
         print(markdown(found), flush=True)
         rows += found
-    meta["load_average_end"] = tuple(round(x, 2) for x in os.getloadavg())
-    meta["wall_s"] = time.perf_counter() - start
+    meta.update(setup.record(), wall_s=time.perf_counter() - start)
     write_report(args.out, rows, meta)
     print(markdown(rows))
     return rows

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import effattn
+from benchmarks import machine
 from effattn.bench.interleave import time_interleaved
 from effattn.bench.measure import FWD_BWD_FACTOR
 
@@ -112,8 +113,9 @@ def vs_sdpa(
     return rows
 
 
-def markdown(rows: Sequence[VsSdpaRow], command: str) -> str:
-    """The rows as a markdown report, with the command and the machine load."""
+def markdown(rows: Sequence[VsSdpaRow], command: str, setup: dict[str, object]) -> str:
+    """The rows as a markdown report, with the command, the CPU set-up and the machine load
+    (``setup``: benchmarks.machine.CpuSetup.record())."""
     cols = list(asdict(rows[0])) if rows else []
     lines = [
         "# Sparse backends vs dense torch SDPA: fraction of SDPA's GFLOP/s",
@@ -124,7 +126,8 @@ def markdown(rows: Sequence[VsSdpaRow], command: str) -> str:
         "flops from each backend's own flops() (computed pairs only; hashing, sorting and "
         "gathers count none; forward+backward = 3.5x forward for both). time_over_sdpa < 1: "
         "faster than dense SDPA.",
-        f"Load average at the end (1, 5, 15 min): {tuple(round(x, 2) for x in os.getloadavg())} "
+        f"{machine.describe(setup)}. Load average (1, 5, 15 min) "
+        f"{setup['load_average_start']} at the start, {setup['load_average_end']} at the end, "
         f"on {os.cpu_count()} cores.",
         "",
         "| " + " | ".join(cols) + " |",
@@ -134,8 +137,8 @@ def markdown(rows: Sequence[VsSdpaRow], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rows: Sequence[VsSdpaRow], out: Path, command: str) -> Path:
+def write(rows: Sequence[VsSdpaRow], out: Path, command: str, setup: machine.CpuSetup) -> Path:
     """Write the report to ``out`` (a .md file; its folder is created) and return the path."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows, command))
+    out.write_text(markdown(rows, command, setup.record()))
     return out

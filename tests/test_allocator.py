@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from effattn.bench.allocator import can_keep_freed_memory
+from effattn.bench.allocator import can_keep_freed_memory, meminfo_kib
+from effattn.bench.store import flush_writes
 
 # Faults while a 256 MiB tensor is filled after ``before`` others were filled and freed: 65,536
 # pages of 4 KiB (128 with transparent huge pages) unless the block's pages are already mapped.
@@ -68,3 +69,19 @@ def test_elsewhere_nothing_changes(monkeypatch: pytest.MonkeyPatch):
     assert allocator.heap_bytes() is None
     assert allocator.reserve_heap() == 0
     assert allocator.reserve_heap(2**20) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/meminfo is Linux's")
+def test_meminfo_reads_the_os_counters_in_kib():
+    fields = meminfo_kib()
+    assert 0 < fields["MemAvailable"] <= fields["MemTotal"]
+    assert fields["Dirty"] >= 0 and fields["Writeback"] >= 0
+    assert flush_writes() == pytest.approx((fields["Dirty"] + fields["Writeback"]) / 1024, abs=64)
+
+
+def test_meminfo_is_empty_where_the_os_has_none(monkeypatch):
+    def no_meminfo(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+
+    monkeypatch.setattr("builtins.open", no_meminfo)
+    assert meminfo_kib() == {}

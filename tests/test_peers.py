@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import peers
+from benchmarks import machine, peers
 from effattn.bench.allocator import can_keep_freed_memory
 from tests.reference import reference_attention
 
@@ -119,7 +119,7 @@ def test_command_writes_the_table(tmp_path):
 
 def test_system_malloc_leaves_the_allocator_as_it_comes(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(peers, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(machine, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(peers, "measure", lambda *a, **k: [])
     peers.main(["--only", "lsh", "--system-malloc", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())

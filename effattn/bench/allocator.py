@@ -118,10 +118,16 @@ def reserve_heap(extra: int | None = None) -> int:
     return reserved
 
 
-def _available_bytes() -> int:
+def meminfo_kib() -> dict[str, int]:
+    """The OS's memory counters, KiB, by name (MemAvailable, Dirty, ...: Linux's /proc/meminfo);
+    empty where there is none."""
     try:
         with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 0
+            fields = (line.split(":", 1) for line in meminfo)
+            return {name: int(value.split()[0]) for name, value in fields}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def _available_bytes() -> int:
+    return meminfo_kib().get("MemAvailable", 0) * 1024

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 
 from effattn.bench import stats
+from effattn.bench.allocator import meminfo_kib
 from effattn.bench.spec import Point
 
 try:
@@ -281,16 +282,13 @@ def flush_writes() -> float | None:
     Linux). A fresh install (a venv of torch) leaves hundreds of MiB to write back for minutes,
     and while it does, page faults slow down: ``full``, which allocates an (N, N) matrix a
     call, ran up to 2x slower in the first minutes of sweeps started right after one."""
+    fields = meminfo_kib()
     pending = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        pending = sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) / 1024
-    except (OSError, KeyError, ValueError):
-        pass
+    if "Dirty" in fields and "Writeback" in fields:
+        pending = round((fields["Dirty"] + fields["Writeback"]) / 1024, 1)
     if hasattr(os, "sync"):
         os.sync()
-    return None if pending is None else round(pending, 1)
+    return pending
 
 
 def cpu_jiffies(stat: str | None = None) -> tuple[int, int] | None:
