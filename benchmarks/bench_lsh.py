@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.vs_sdpa:
         ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
         rows = vs_sdpa.vs_sdpa(("lsh",), ns, repeats=args.repeats, threads=args.threads)
-        command = "python -m benchmarks.bench_lsh " + " ".join(argv)
-        print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command, setup))
+        command = machine.command_line("benchmarks.bench_lsh", argv)
+        print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command, setup.record()))
         return
 
     rows = [
@@ -294,10 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "bench_lsh.md").write_text(
         f"# lsh vs peers (CPU, B=1, H=8, D=64, fp32, bucket {args.bucket_size}, "
         f"forward, no_grad, {args.repeats} interleaved repeats)\n\n"
-        f"`python -m benchmarks.bench_lsh {' '.join(argv)}`; {machine.describe(record)}. "
-        f"Load average (1, 5, 15 min) {record['load_average_start']} at the start, "
-        f"{record['load_average_end']} at the end, on {os.cpu_count()} cores; "
-        "time_ratio_vs_ours > 1: the peer is slower.\n\n"
+        f"`{machine.command_line('benchmarks.bench_lsh', argv)}`; {machine.describe(record)}; "
+        f"{os.cpu_count()} cores. time_ratio_vs_ours > 1: the peer is slower.\n\n"
         f"{table}\n\n## Our peak memory, N={args.n} -> {args.long_n}\n\n"
         f"```\n{json.dumps(scaling, indent=1)}\n```\n\n"
         f"## Alignment: max abs error vs exact attention, N={2 * args.bucket_size}, 1 hash\n\n"
@@ -316,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
                 "alignment": alignment,
                 "forward_backward": backward,
                 "torch": torch.__version__,
-                "command": f"python -m benchmarks.bench_lsh {' '.join(argv)}",
+                "command": machine.command_line("benchmarks.bench_lsh", argv),
                 **record,
             },
             indent=1,

@@ -254,7 +254,7 @@ def write_report(
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "shape": f"B={B}, H={H}, N={args.n}, D={D}, float32",
-        "command": "python -m benchmarks.bench_sparse " + " ".join(args.argv),
+        "command": machine.command_line("benchmarks.bench_sparse", args.argv),
     }
     (out / "results.json").write_text(
         json.dumps(
@@ -270,8 +270,7 @@ def write_report(
         "# Sparse backends on CPU: local, strided, bigbird vs peers",
         "",
         f"Produced by `{meta['command']}` (torch {meta['torch']}, {meta['shape']}; "
-        f"{machine.describe(meta)}; load average (1, 5, 15 min) "
-        f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end).",
+        f"{machine.describe(meta)}).",
         "Each candidate timed once per repeat, interleaved with the others of its case; "
         "time = median over repeats of each repeat's median (torch.utils.benchmark), "
         "ratio_to_ours = median of per-repeat peer/ours ratios (> 1: ours is faster), "
@@ -340,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = vs_sdpa.vs_sdpa(
             ("bigbird", "local", "strided"), ns, repeats=args.repeats, threads=args.threads
         )
-        command = "python -m benchmarks.bench_sparse " + " ".join(args.argv)
-        print(vs_sdpa.write(rows, Path(args.out) / "vs_sdpa.md", command, setup))
+        command = machine.command_line("benchmarks.bench_sparse", args.argv)
+        print(vs_sdpa.write(rows, Path(args.out) / "vs_sdpa.md", command, setup.record()))
         return
     align = alignment_check(1024) if not args.no_peers else {}
     timings = run_timings(

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     meta: dict[str, object] = {
         "torch": torch.__version__,
-        "command": " ".join(["python -m benchmarks.bench_xl", *argv]),
+        "command": machine.command_line("benchmarks.bench_xl", argv),
         "machine": platform.processor() or platform.machine(),
         "repeats": args.repeats,
     }
@@ -231,9 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "_".join(parts)
     (args.out / f"bench_xl_{tag}.md").write_text(
-        f"`{meta['command']}`: torch {meta['torch']}, {machine.describe(meta)}; load average "
-        f"(1, 5, 15 min) {meta['load_average_start']} at the start, "
-        f"{meta['load_average_end']} at the end.\n\n{_markdown(rows)}"
+        f"`{meta['command']}`: torch {meta['torch']}, {machine.describe(meta)}.\n\n"
+        f"{_markdown(rows)}"
     )
     (args.out / f"bench_xl_{tag}.json").write_text(
         json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)

@@ -161,7 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
+    # Host memory as the sweep's CPU workers keep it; on CUDA the caching allocator does that.
+    on_cpu = args.device == "cpu"
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc or not on_cpu)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, effattn "
         f"{effattn.__version__}, device {args.device}, {machine.describe(setup.record())}, "

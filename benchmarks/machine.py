@@ -6,7 +6,8 @@ OS when freed and the next call faults fresh pages in, a cost that falls on whic
 implementation allocates more (on the project's 2-core VM it made our ratios against the peers
 up to 2.4x too favourable, reports/peers). ``--system-malloc`` times with the C library's malloc
 as it comes. Each script stores what it got (:meth:`CpuSetup.record`) beside its numbers and
-says it in its report (:func:`describe`).
+says it in its report (:func:`describe`; hf_train_step, which writes no report, prints it), with
+the command that made it (:func:`command_line`).
 
     parser = argparse.ArgumentParser()
     machine.add_system_malloc_flag(parser)
@@ -17,6 +18,8 @@ says it in its report (:func:`describe`).
 from __future__ import annotations
 
 import argparse
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +50,24 @@ class CpuSetup:
 def describe(record: dict[str, object]) -> str:
     """What a report says of the set-up in ``record`` (:meth:`CpuSetup.record`, perhaps read
     back from JSON), e.g. "2 threads pinned; freed memory kept for the next call
-    (effattn.bench.allocator)"."""
+    (effattn.bench.allocator); load average (1, 5, 15 min) [0.5, 0.6, 0.7] at the start,
+    [1.9, 1.1, 0.8] at the end"."""
     memory = (
         "freed memory kept for the next call (effattn.bench.allocator)"
         if record.get("freed_memory_kept")
         else "the C library's malloc as it comes (freed memory not kept)"
     )
-    return f"{record['threads']} threads pinned; {memory}"
+    return (
+        f"{record['threads']} threads pinned; {memory}; load average (1, 5, 15 min) "
+        f"{record.get('load_average_start')} at the start, {record.get('load_average_end')} at "
+        "the end"
+    )
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """The command a report was made by, as a shell would take it back:
+    ``python -m module arg ...``, each argument quoted where it needs to be."""
+    return shlex.join(["python", "-m", module, *argv])
 
 
 def add_system_malloc_flag(parser: argparse.ArgumentParser) -> None:

@@ -605,9 +605,7 @@ def write_report(out: Path, rows: list[Row], meta: dict[str, object]) -> None:
         "",
         f"Produced by `{meta['command']}` in one process: {machine.describe(meta)}; "
         f"N={meta['n']}, {meta['repeats']} interleaved repeats, {versions}; "
-        f"{meta['machine']}, {meta['cpu_count']} cores; load average (1, 5, 15 min) "
-        f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end; "
-        f"{meta['wall_s']:.0f} s in all.",
+        f"{meta['machine']}, {meta['cpu_count']} cores; {meta['wall_s']:.0f} s in all.",
         "",
         "Shape (B, H, N, D) = (1, 8, N, 64), fp32, forward, bidirectional (causal where the "
         "key says so), under no_grad (xl: qlen N/2 + memory N/2, d_model 512; linformer and "
@@ -664,7 +662,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         n=args.n,
         repeats=args.repeats,
         min_run_s=args.min_run_s,
-        command=" ".join(["python -m benchmarks.peers", *(sys.argv[1:] if argv is None else argv)]),
+        command=machine.command_line("benchmarks.peers", sys.argv[1:] if argv is None else argv),
     )
     start = time.perf_counter()
     rows: list[Row] = []

@@ -126,9 +126,7 @@ def markdown(rows: Sequence[VsSdpaRow], command: str, setup: dict[str, object]) 
         "flops from each backend's own flops() (computed pairs only; hashing, sorting and "
         "gathers count none; forward+backward = 3.5x forward for both). time_over_sdpa < 1: "
         "faster than dense SDPA.",
-        f"{machine.describe(setup)}. Load average (1, 5, 15 min) "
-        f"{setup['load_average_start']} at the start, {setup['load_average_end']} at the end, "
-        f"on {os.cpu_count()} cores.",
+        f"{machine.describe(setup)}; {os.cpu_count()} cores.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -137,8 +135,9 @@ def markdown(rows: Sequence[VsSdpaRow], command: str, setup: dict[str, object]) 
     return "\n".join(lines) + "\n"
 
 
-def write(rows: Sequence[VsSdpaRow], out: Path, command: str, setup: machine.CpuSetup) -> Path:
-    """Write the report to ``out`` (a .md file; its folder is created) and return the path."""
+def write(rows: Sequence[VsSdpaRow], out: Path, command: str, setup: dict[str, object]) -> Path:
+    """Write the report to ``out`` (a .md file; its folder is created) and return the path;
+    ``setup``: benchmarks.machine.CpuSetup.record()."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows, command, setup.record()))
+    out.write_text(markdown(rows, command, setup))
     return out

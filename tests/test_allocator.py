@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from effattn.bench import store
 from effattn.bench.allocator import can_keep_freed_memory, meminfo_kib
-from effattn.bench.store import flush_writes
 
 # Faults while a 256 MiB tensor is filled after ``before`` others were filled and freed: 65,536
 # pages of 4 KiB (128 with transparent huge pages) unless the block's pages are already mapped.
@@ -76,7 +76,15 @@ def test_meminfo_reads_the_os_counters_in_kib():
     fields = meminfo_kib()
     assert 0 < fields["MemAvailable"] <= fields["MemTotal"]
     assert fields["Dirty"] >= 0 and fields["Writeback"] >= 0
-    assert flush_writes() == pytest.approx((fields["Dirty"] + fields["Writeback"]) / 1024, abs=64)
+
+
+def test_flush_writes_reports_the_pending_writes_in_mib(monkeypatch):
+    synced = []
+    monkeypatch.setattr(store.os, "sync", lambda: synced.append(1))
+    monkeypatch.setattr(store, "meminfo_kib", lambda: {"Dirty": 3072, "Writeback": 1024})
+    assert store.flush_writes() == 4.0 and synced == [1]
+    monkeypatch.setattr(store, "meminfo_kib", dict)  # no /proc/meminfo: unknown, still synced
+    assert store.flush_writes() is None and synced == [1, 1]
 
 
 def test_meminfo_is_empty_where_the_os_has_none(monkeypatch):

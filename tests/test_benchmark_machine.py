@@ -4,11 +4,13 @@ sweep's workers do (unless --system-malloc), and says which in what it writes.""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 
-from benchmarks import bench_lsh, bench_sparse, bench_xl, machine
+from benchmarks import bench_lsh, bench_sparse, bench_xl, conftest, machine
+from benchmarks.settings import THREADS
 
 
 @pytest.fixture
@@ -29,7 +31,27 @@ def test_prepare_cpu_pins_threads_and_keeps_freed_memory(kept_calls):
     assert record["freed_memory_kept"] is True and record["threads"] == 1
     assert {"load_average_start", "load_average_end"} <= set(record)
     text = machine.describe(record)
-    assert text == "1 threads pinned; freed memory kept for the next call (effattn.bench.allocator)"
+    assert text.startswith(
+        "1 threads pinned; freed memory kept for the next call (effattn.bench.allocator); "
+        "load average (1, 5, 15 min) "
+    )
+    assert text.endswith(" at the end")
+
+
+def test_command_line_quotes_what_needs_quoting():
+    line = machine.command_line("benchmarks.bench_sparse", ["--only", "local causal forward"])
+    assert line == "python -m benchmarks.bench_sparse --only 'local causal forward'"
+
+
+def test_benchmark_suite_records_its_cpu_setup(kept_calls):
+    """benchmarks/conftest.py: the pytest-benchmark session keeps freed memory and a saved run
+    records it, without the load average (compared runs would always differ in it)."""
+    config = types.SimpleNamespace(stash=pytest.Stash())
+    conftest.pytest_configure(config)
+    info: dict = {}
+    conftest.pytest_benchmark_update_machine_info(config, info)
+    assert kept_calls == [1]
+    assert info["effattn_cpu_setup"] == {"threads": THREADS, "freed_memory_kept": True}
 
 
 def test_system_malloc_leaves_malloc_as_it_comes(kept_calls):
@@ -56,6 +78,11 @@ def test_bench_sparse_records_its_cpu_setup(kept_calls, tmp_path, system_malloc)
     readme = (tmp_path / "README.md").read_text()
     assert ("freed memory kept for the next call" in readme) is not system_malloc
     assert "2 threads pinned" in readme
+    assert meta["command"].endswith(
+        "--only 'local causal forward' --out "
+        + str(tmp_path)
+        + (" --system-malloc" if system_malloc else "")
+    )
 
 
 def test_vs_sdpa_report_records_its_cpu_setup(kept_calls, tmp_path):

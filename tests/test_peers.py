@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from benchmarks import machine, peers
-from effattn.bench.allocator import can_keep_freed_memory
 from tests.reference import reference_attention
 
 FAST = {"repeats": 1, "threads": 2, "min_run_s": 0.01}
@@ -97,9 +96,11 @@ def test_only_selects_and_rejects_unknown_keys():
         peers.selected("cosformer", available)
 
 
-def test_command_writes_the_table(tmp_path):
+def test_command_writes_the_table(tmp_path, monkeypatch):
     pytest.importorskip("reformer_pytorch")
     pytest.importorskip("transformers")
+    calls = []  # recorded, not called: the test process keeps glibc's defaults
+    monkeypatch.setattr(machine, "keep_freed_memory", lambda: calls.append(1) or True)
     argv = ["--n", "128", "--only", "lsh", "--repeats", "1", "--min-run-s", "0.01"]
     rows = peers.main([*argv, "--out", str(tmp_path)])
     assert [r.peer for r in rows] == ["reformer-pytorch LSHAttention", "HF LSHSelfAttention"]
@@ -112,9 +113,12 @@ def test_command_writes_the_table(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["threads"] == 2 and "torch" in saved["meta"]["versions"]
     assert len(saved["rows"]) == 2
-    kept = can_keep_freed_memory()
-    assert saved["meta"]["freed_memory_kept"] is kept
-    assert ("freed memory kept for the next call" in readme) is kept
+    assert saved["meta"]["freed_memory_kept"] is True and calls == [1]
+    assert "freed memory kept for the next call" in readme
+    assert saved["meta"]["command"] == (
+        "python -m benchmarks.peers --n 128 --only lsh --repeats 1 --min-run-s 0.01 --out "
+        + str(tmp_path)
+    )
 
 
 def test_system_malloc_leaves_the_allocator_as_it_comes(tmp_path, monkeypatch):
