@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,13 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
     machine.add_system_malloc_flag(parser)
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     torch.manual_seed(0)
     setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
+    command = machine.command_line("benchmarks.bench_lsh", argv)
     if args.vs_sdpa:
         ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
         rows = vs_sdpa.vs_sdpa(("lsh",), ns, repeats=args.repeats, threads=args.threads)
-        command = machine.command_line("benchmarks.bench_lsh", argv)
         print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command, setup.record()))
         return
 
@@ -294,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "bench_lsh.md").write_text(
         f"# lsh vs peers (CPU, B=1, H=8, D=64, fp32, bucket {args.bucket_size}, "
         f"forward, no_grad, {args.repeats} interleaved repeats)\n\n"
-        f"`{machine.command_line('benchmarks.bench_lsh', argv)}`; {machine.describe(record)}; "
+        f"`{command}`; {machine.describe(record)}; "
         f"{os.cpu_count()} cores. time_ratio_vs_ours > 1: the peer is slower.\n\n"
         f"{table}\n\n## Our peak memory, N={args.n} -> {args.long_n}\n\n"
         f"```\n{json.dumps(scaling, indent=1)}\n```\n\n"
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                 "alignment": alignment,
                 "forward_backward": backward,
                 "torch": torch.__version__,
-                "command": machine.command_line("benchmarks.bench_lsh", argv),
+                "command": command,
                 **record,
             },
             indent=1,

@@ -244,7 +244,13 @@ def _table(rows: list[dict], keys: list[str]) -> str:
 
 
 def write_report(
-    out: Path, args: argparse.Namespace, setup: dict[str, object], timings, memory, align
+    out: Path,
+    args: argparse.Namespace,
+    command: str,
+    setup: dict[str, object],
+    timings,
+    memory,
+    align,
 ) -> None:
     """results.json and README.md in ``out``; ``setup``: benchmarks.machine.CpuSetup.record()."""
     out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +260,7 @@ def write_report(
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "shape": f"B={B}, H={H}, N={args.n}, D={D}, float32",
-        "command": machine.command_line("benchmarks.bench_sparse", args.argv),
+        "command": command,
     }
     (out / "results.json").write_text(
         json.dumps(
@@ -313,7 +319,6 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
@@ -332,14 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
     machine.add_system_malloc_flag(parser)
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
     setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
+    command = machine.command_line("benchmarks.bench_sparse", argv)
     if args.vs_sdpa:
         ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
         rows = vs_sdpa.vs_sdpa(
             ("bigbird", "local", "strided"), ns, repeats=args.repeats, threads=args.threads
         )
-        command = machine.command_line("benchmarks.bench_sparse", args.argv)
         print(vs_sdpa.write(rows, Path(args.out) / "vs_sdpa.md", command, setup.record()))
         return
     align = alignment_check(1024) if not args.no_peers else {}
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         args.n, args.repeats, args.threads, not args.no_peers, args.min_run_s, args.only
     )
     memory = memory_exponents([int(x) for x in args.mem_ns.split(",")])
-    write_report(Path(args.out), args, setup.record(), timings, memory, align)
+    write_report(Path(args.out), args, command, setup.record(), timings, memory, align)
 
 
 if __name__ == "__main__":

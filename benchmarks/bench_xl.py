@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,7 +200,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/xl"))
     machine.add_system_malloc_flag(parser)
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     torch.manual_seed(0)
     setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
     kw = {"threads": args.threads, "repeats": args.repeats, "min_run_time_s": args.min_run_time}

@@ -162,8 +162,8 @@ def main() -> None:
     import transformers
 
     # Host memory as the sweep's CPU workers keep it; on CUDA the caching allocator does that.
-    on_cpu = args.device == "cpu"
-    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc or not on_cpu)
+    cuda = args.device != "cpu"
+    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc or cuda)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, effattn "
         f"{effattn.__version__}, device {args.device}, {machine.describe(setup.record())}, "

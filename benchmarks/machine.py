@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,10 +65,11 @@ def describe(record: dict[str, object]) -> str:
     )
 
 
-def command_line(module: str, argv: Sequence[str]) -> str:
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
     """The command a report was made by, as a shell would take it back:
-    ``python -m module arg ...``, each argument quoted where it needs to be."""
-    return shlex.join(["python", "-m", module, *argv])
+    ``python -m module arg ...`` (``argv`` None: this process's arguments), each argument quoted
+    where it needs to be."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def add_system_malloc_flag(parser: argparse.ArgumentParser) -> None:

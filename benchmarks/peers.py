@@ -54,7 +54,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -662,7 +661,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         n=args.n,
         repeats=args.repeats,
         min_run_s=args.min_run_s,
-        command=machine.command_line("benchmarks.peers", sys.argv[1:] if argv is None else argv),
+        command=machine.command_line("benchmarks.peers", argv),
     )
     start = time.perf_counter()
     rows: list[Row] = []

@@ -297,7 +297,7 @@ class GroupRun:
         # per point and round, the per-call ms of its timed blocks (the anchor's timings of a
         # round, concatenated); per round, (key, median ms) of each timing in the order taken
         self.times: dict[str, list[list[float] | None]] = {k: [None] * rounds for k in keys}
-        self.sequence: dict[int, list[tuple[str, float]]] = {r: [] for r in range(rounds)}
+        self.sequence: list[list[tuple[str, float]]] = [[] for _ in range(rounds)]
         self.failed: dict[str, tuple[str, str]] = {}  # key -> (status, reason)
         self.fields: dict[str, dict[str, Any]] = {}  # key -> memory, flops, error, device
         self.spent = dict.fromkeys(keys, 0.0)  # seconds each point had the worker
@@ -324,7 +324,7 @@ class GroupRun:
         """The (round, key) measurements of the current pass not yet heard, in order."""
         rounds = self.passes[self.pass_index]
         heard = collections.Counter(
-            (r, key) for r, timings in self.sequence.items() for key, _ in timings
+            (r, key) for r, timings in enumerate(self.sequence) for key, _ in timings
         )
         todo = []
         for r, key in self.schedule:
@@ -458,7 +458,7 @@ class GroupRun:
         # per point and round, the anchor's time beside it (None: not bracketed)
         refs: dict[str, list[float | None]] = {p.key: [None] * len(self.sequence) for p in self.all}
         if self.anchor is not None:
-            for r, timings in self.sequence.items():
+            for r, timings in enumerate(self.sequence):
                 for key, ref in bracket_refs(timings, self.anchor).items():
                     refs[key][r] = ref
         rows = []
