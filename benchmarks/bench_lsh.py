@@ -1,23 +1,26 @@
 """effattn's `lsh` backend against the two public Reformer LSH attentions, side by side on CPU.
 
-Peers: reformer-pytorch 1.4.4 ``LSHAttention(bucket_size, n_hashes)`` called on (qk, v) of
-shape (B*H, N, D), and HF transformers' ``LSHSelfAttention`` with its two input projections
-replaced (query_key by the identity, value by a module returning v) so that only the attention
-core runs. All three use shared-QK, chunks of ``bucket_size`` attending to themselves and the
-previous chunk, N / bucket_size buckets, no dedup, forward only under ``torch.no_grad()``.
+Peers (the wrappers of effattn.peers.lsh): reformer-pytorch 1.4.4 ``LSHAttention(bucket_size,
+n_hashes)`` called on (qk, v) of shape (B*H, N, D), and HF transformers' ``LSHSelfAttention``
+with its two input projections replaced (query_key by the identity, value by a module returning
+v) so that only the attention core runs. All three use shared-QK, chunks of ``bucket_size``
+attending to themselves and the previous chunk, N / bucket_size buckets, no dedup, forward only
+under ``torch.no_grad()``.
 
-Timings are interleaved (every implementation once per repeat, effattn.bench.interleave) in one
-process with the thread count pinned and freed memory kept for the next call, as in the sweep
-(benchmarks.machine; ``--system-malloc``: the C library's malloc as it comes); the table gives the
-median over repeats of each repeat's median, the spread (IQR / median), the peer / ours time ratio
-(median of per-repeat ratios) and the peak memory of one call above what was live before it
-(effattn.bench.meters). Also: our peak memory at a 4x longer N, and an alignment check: with one
-hash round and N = 2 * bucket_size every pair is met once, so all three must equal exact shared-QK
-attention with self-exclusion under their own scale (reformer-pytorch: 1/sqrt(D) with unit keys; HF:
-1 with unit keys). With several rounds the outputs differ by design, not only by the random
-rotations: both peers sort all rounds into one sequence, so the first chunk of round r looks back
-into the last chunk of round r-1 (which can repeat a pair, or the query itself, within the window);
-effattn keeps rounds apart.
+Every implementation and hash count is a case on the shared main helper (effattn.harness.cases):
+timed in interleaved rounds in one process with the thread count pinned and freed memory kept for
+the next call, as in the sweep (``--system-malloc``: the C library's malloc as it comes), its row
+written to a run folder (``--run-dir``, default OUT/run) that `effattn report` and `effattn
+compare` read. The table is computed from those rows: the median time, the noise within a round
+(IQR / median) and between rounds ((max - min) / median of the rounds' medians), the peer / ours
+time ratio (median of per-round ratios) and the peak memory of one call above what was live
+before it (effattn.harness.meters). Also: our peak memory at a 4x longer N, and an alignment check:
+with one hash round and N = 2 * bucket_size every pair is met once, so all three must equal exact
+shared-QK attention with self-exclusion under their own scale (reformer-pytorch: 1/sqrt(D) with unit
+keys; HF: 1 with unit keys). With several rounds the outputs differ by design, not only by the
+random rotations: both peers sort all rounds into one sequence, so the first chunk of round r looks
+back into the last chunk of round r-1 (which can repeat a pair, or the query itself, within the
+window); effattn keeps rounds apart.
 
     .venv/bin/python -m benchmarks.bench_lsh                       # N = 4096, 4 and 8 hashes
     .venv/bin/python -m benchmarks.bench_lsh --n 1024 --repeats 2 --long-n 4096
@@ -31,105 +34,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import effattn
-from benchmarks import machine, vs_sdpa
+from benchmarks import vs_sdpa
 from effattn.backends.lsh.lsh import SELF_ATTENTION_BIAS
-from effattn.bench.interleave import time_interleaved
-from effattn.bench.meters import MIB, peak_memory_cpu
+from effattn.harness import cases, machine, table
+from effattn.harness.meters import MIB, peak_memory_cpu
+from effattn.peers.lsh import effattn_lsh_call, hf_lsh_call, reformer_pytorch_call
 
 OURS = "effattn_lsh"
-
-
-@dataclass(frozen=True)
-class Row:
-    implementation: str  # effattn_lsh, reformer_pytorch, hf_transformers
-    n: int  # sequence length
-    n_hashes: int  # hash rounds
-    time_ms_median: float  # median over repeats of the per-repeat median call time
-    time_iqr_over_median: float  # median over repeats of IQR / median (0 when a repeat ran once)
-    time_spread_over_median: float  # (max - min) / median of the per-repeat medians
-    time_ratio_vs_ours: float  # median over repeats of (this time / ours)
-    peak_mem_mib: float  # peak memory of one call above what was live before it
-    threads: int  # torch intra-op threads, pinned
-
-
-class _Fixed(nn.Module):
-    """Stands in for HF's value projection: returns the given (B, N, H*D) values."""
-
-    def __init__(self, values: torch.Tensor) -> None:
-        super().__init__()
-        self.values = values
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.values
-
-
-def _to_hf(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)  # (B, H, N, D) -> (B, N, H*D)
-
-
-def effattn_lsh_call(
-    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int, scale: float | None
-) -> Callable[[], torch.Tensor]:
-    """Our `lsh` backend on shared-QK inputs q, v: (B, H, N, D) -> (B, H, N, D).
-    ``scale``: None = 1/sqrt(D) (reformer-pytorch's convention), 1.0 = HF's."""
-    ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
-    return lambda: ours(q, q, v, scale=scale)
-
-
-def reformer_pytorch_call(
-    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int
-) -> Callable[[], torch.Tensor]:
-    """reformer-pytorch's ``LSHAttention`` on shared-QK q, v: (B, H, N, D) -> (B, H, N, D).
-    Raises ImportError when reformer-pytorch is not installed."""
-    from reformer_pytorch.reformer_pytorch import LSHAttention
-
-    b, h, n, d = q.shape
-    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes).eval()
-    qk_flat, v_flat = q.reshape(b * h, n, d), v.reshape(b * h, n, d)  # (B, H, N, D) -> (BH, N, D)
-    return lambda: lucid(qk_flat, v_flat)[0].view(b, h, n, d)  # (BH, N, D) -> (B, H, N, D)
-
-
-def hf_lsh_call(
-    q: torch.Tensor, v: torch.Tensor, bucket_size: int, n_hashes: int
-) -> Callable[[], torch.Tensor]:
-    """HF transformers' ``LSHSelfAttention`` core (projections bypassed) on shared-QK q, v:
-    (B, H, N, D) -> (B, H, N, D); its scale is 1. Raises ImportError without transformers."""
-    from transformers import ReformerConfig
-    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
-
-    b, h, n, d = q.shape
-    config = ReformerConfig(
-        attention_head_size=d,
-        num_attention_heads=h,
-        hidden_size=h * d,
-        lsh_attn_chunk_length=bucket_size,
-        num_buckets=max(2, n // bucket_size),
-        num_hashes=n_hashes,
-        lsh_num_chunks_before=1,
-        lsh_num_chunks_after=0,
-        is_decoder=False,
-        max_position_embeddings=n,
-        lsh_attention_probs_dropout_prob=0.0,
-    )
-    hf = LSHSelfAttention(config).eval()
-    hf.query_key, hf.value = nn.Identity(), _Fixed(_to_hf(v))
-    hidden = _to_hf(q)
-
-    def run_hf() -> torch.Tensor:
-        out = hf(hidden).hidden_states  # (B, N, H*D)
-        return out.view(b, n, h, d).transpose(1, 2)  # -> (B, H, N, D)
-
-    return run_hf
+PEERS = {  # implementation -> (backend of its case, its call on shared-QK q, v)
+    "reformer_pytorch": ("peer:reformer-pytorch", reformer_pytorch_call),
+    "hf_transformers": ("peer:hf-lsh", hf_lsh_call),
+}
 
 
 def implementations(
@@ -168,27 +92,98 @@ def alignment_errors(bucket_size: int, n_hashes: int) -> dict[str, float]:
     return errors
 
 
-def measure(n: int, n_hashes: int, bucket_size: int, repeats: int, threads: int) -> list[Row]:
-    q = torch.randn(1, 8, n, 64)
-    v = torch.randn(1, 8, n, 64)
-    calls = implementations(q, v, bucket_size, n_hashes, scale=None)
-    with torch.no_grad():
-        timed = time_interleaved(calls, repeats=repeats, threads=threads, min_run_time_s=1.0)
-        memory = {name: peak_memory_cpu(fn) / MIB for name, fn in calls.items()}
-    return [
-        Row(
-            implementation=name,
-            n=n,
-            n_hashes=n_hashes,
-            time_ms_median=timed.median_ms(name),
-            time_iqr_over_median=timed.timing_iqr_over_median(name),
-            time_spread_over_median=timed.repeat_range_over_median(name),
-            time_ratio_vs_ours=timed.ratio(name, OURS),
-            peak_mem_mib=memory[name],
-            threads=threads,
+def _inputs(n: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared-QK q and v: (1, 8, N, 64), the same tensors for every implementation (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, 8, n, 64, generator=gen).requires_grad_(grad) for _ in range(2))
+
+
+def _forward(name: str, n: int, n_hashes: int, bucket_size: int) -> Callable[[], object]:
+    q, v = _inputs(n)
+    if name == OURS:
+        call = effattn_lsh_call(q, v, bucket_size, n_hashes, None)
+    else:
+        call = PEERS[name][1](q, v, bucket_size, n_hashes)
+    return torch.no_grad()(call)
+
+
+def _backward(name: str, n: int, n_hashes: int, bucket_size: int) -> Callable[[], object]:
+    """Forward + backward of a sum (q and v require grad), ours or reformer-pytorch's."""
+    q, v = _inputs(n, grad=True)
+    if name == OURS:
+        ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
+        return lambda: ours(q, q, v).sum().backward()
+    from reformer_pytorch.reformer_pytorch import LSHAttention
+
+    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes)
+    qk_flat = q.detach().reshape(8, n, 64).requires_grad_()  # (B, H, N, D) -> (BH, N, D)
+    v_flat = v.detach().reshape(8, n, 64).requires_grad_()
+    return lambda: lucid(qk_flat, v_flat)[0].sum().backward()
+
+
+def lsh_cases(n: int, hashes: Sequence[int], bucket_size: int, backward: bool) -> list[cases.Case]:
+    """Ours and both peers, forward, at each hash count; with ``backward`` also ours and
+    reformer-pytorch forward + backward at the first hash count. B=1, H=8, D=64."""
+    found = []
+    runs = [("fwd", h, (OURS, *PEERS)) for h in hashes]
+    if backward:
+        runs.append(("fwd_bwd", hashes[0], (OURS, "reformer_pytorch")))
+    for mode, n_hashes, names in runs:
+        make = _backward if mode == "fwd_bwd" else _forward
+        for name in names:
+            options = (("bucket_size", bucket_size), ("n_hashes", n_hashes))
+            backend = "lsh" if name == OURS else PEERS[name][0]
+            label = f"{name} n_hashes={n_hashes}"
+            build = lambda name=name, h=n_hashes, make=make: make(name, n, h, bucket_size)  # noqa: E731
+            found.append(
+                cases.Case(
+                    backend=backend,
+                    label=label,
+                    n=n,
+                    mode=mode,
+                    build=build,
+                    options=options if name == OURS else (),
+                )
+            )
+    return found
+
+
+def lsh_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's lines, from the run's rows: per implementation and hash count, the median
+    time, the noise within a round (median over rounds of IQR / median of its runs) and
+    between rounds, the ratio to ours (median of per-round ratios), the peak memory."""
+    by_label = {(r["label"], r["mode"]): r for r in rows}
+    lines = []
+    for row in rows:
+        name, hashes = row["label"].split(" n_hashes=")
+        line = {"implementation": name, "mode": row["mode"], "n": row["n"], "n_hashes": int(hashes)}
+        if row["status"] != "ok":
+            lines.append({**line, "status": f"{row['status']}: {row['reason']}"})
+            continue
+        ours = by_label.get((f"{OURS} n_hashes={hashes}", row["mode"]))
+        medians = [m for m in cases.round_medians(row) if m is not None]
+        noise = [_iqr(r) / statistics.median(r) for r in row["times_ms"] if r]
+        ratio = cases.ratio(row, ours) if ours and ours["status"] == "ok" else None
+        lines.append(
+            {
+                **line,
+                "time_ms_median": row["time_ms_median"],
+                "time_iqr_over_median": statistics.median(noise),
+                "time_spread_over_median": (max(medians) - min(medians))
+                / statistics.median(medians),
+                "time_ratio_vs_ours": ratio,
+                "peak_mem_mib": row["peak_mem_mib"],
+                "threads": row["threads"],
+            }
         )
-        for name in calls
-    ]
+    return lines
+
+
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q3 - q1
 
 
 def our_memory(n: int, n_hashes: int, bucket_size: int) -> float:
@@ -198,51 +193,18 @@ def our_memory(n: int, n_hashes: int, bucket_size: int) -> float:
         return peak_memory_cpu(lambda: backend(q, q, v)) / MIB
 
 
-def forward_backward(n: int, n_hashes: int, bucket_size: int, threads: int) -> dict[str, dict]:
-    """Forward + backward of a sum, ours vs reformer-pytorch (q and v require grad): median
-    time (interleaved, 2 repeats) and peak memory."""
-    from reformer_pytorch.reformer_pytorch import LSHAttention
-
-    q = torch.randn(1, 8, n, 64, requires_grad=True)
-    v = torch.randn(1, 8, n, 64, requires_grad=True)
-    qk_flat = q.detach().reshape(8, n, 64).requires_grad_()  # (B, H, N, D) -> (BH, N, D)
-    v_flat = v.detach().reshape(8, n, 64).requires_grad_()
-    ours = effattn.get_backend("lsh", bucket_size=bucket_size, n_hashes=n_hashes)
-    lucid = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes)
-    calls = {
-        OURS: lambda: ours(q, q, v).sum().backward(),
-        "reformer_pytorch": lambda: lucid(qk_flat, v_flat)[0].sum().backward(),
-    }
-    timed = time_interleaved(calls, repeats=2, threads=threads)
-    return {
-        name: {
-            "n": n,
-            "n_hashes": n_hashes,
-            "time_ms_median": timed.median_ms(name),
-            "peak_mem_mib": peak_memory_cpu(fn) / MIB,
-        }
-        for name, fn in calls.items()
-    }
+def markdown(lines: list[dict[str, Any]]) -> str:
+    """The lines as a Markdown table, one column per field, floats to 3 significant digits."""
+    return table.markdown(lines, floatfmt=".3g")
 
 
-def markdown(rows: list[Row]) -> str:
-    cols = list(asdict(rows[0]))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [f"{x:.3g}" if isinstance(x, float) else str(x) for x in asdict(row).values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """bench_lsh's own options (the shared ones: effattn.harness.cases.add_arguments)."""
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--long-n", type=int, default=16384, help="N of the memory scaling check")
     parser.add_argument("--hashes", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--bucket-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("reports/lsh"))
+    parser.add_argument("--out", type=Path, default=Path("reports/lsh"), help="the report folder")
     parser.add_argument(
         "--backward", action="store_true", help="also forward+backward vs reformer-pytorch"
     )
@@ -252,22 +214,24 @@ def main(argv: list[str] | None = None) -> None:
         help="only the GFLOP/s fraction of dense SDPA (benchmarks.vs_sdpa) at --vs-sdpa-ns",
     )
     parser.add_argument("--vs-sdpa-ns", default="1024,2048,4096")
-    machine.add_system_malloc_flag(parser)
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    setup = machine.prepare_cpu(args.threads, system_malloc=args.system_malloc)
-    command = machine.command_line("benchmarks.bench_lsh", argv)
-    if args.vs_sdpa:
-        ns = [int(x) for x in args.vs_sdpa_ns.split(",")]
-        rows = vs_sdpa.vs_sdpa(("lsh",), ns, repeats=args.repeats, threads=args.threads)
-        print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command, setup.record()))
-        return
 
-    rows = [
-        row
-        for n_hashes in args.hashes
-        for row in measure(args.n, n_hashes, args.bucket_size, args.repeats, args.threads)
-    ]
+
+def make_cases(args: argparse.Namespace) -> list[cases.Case]:
+    if args.vs_sdpa:
+        return vs_sdpa.vs_sdpa_cases(("lsh",), [int(x) for x in args.vs_sdpa_ns.split(",")])
+    return lsh_cases(args.n, args.hashes, args.bucket_size, args.backward)
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    """The run folder beside the report: OUT/run (OUT/vs_sdpa-run with --vs-sdpa)."""
+    return args.out / ("vs_sdpa-run" if args.vs_sdpa else "run")
+
+
+def write_report(
+    args: argparse.Namespace, command: str, record: dict, rows: list[dict[str, Any]]
+) -> None:
+    """bench_lsh.md and bench_lsh.json in OUT: the timing table (forward; forward + backward
+    with --backward), our memory scaling and the alignment check."""
     scaling = {
         n_hashes: {
             "n": args.n,
@@ -280,49 +244,46 @@ def main(argv: list[str] | None = None) -> None:
     for s in scaling.values():
         s["ratio"] = s["long_peak_mem_mib"] / s["peak_mem_mib"]
     alignment = alignment_errors(args.bucket_size, n_hashes=1)
-    backward = (
-        forward_backward(args.n, args.hashes[0], args.bucket_size, args.threads)
-        if args.backward
-        else {}
-    )
-
+    lines = lsh_rows(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
-    record = setup.record()
+    text = markdown(lines)
     (args.out / "bench_lsh.md").write_text(
         f"# lsh vs peers (CPU, B=1, H=8, D=64, fp32, bucket {args.bucket_size}, "
-        f"forward, no_grad, {args.repeats} interleaved repeats)\n\n"
+        f"forward under no_grad (mode fwd), {args.rounds} interleaved rounds)\n\n"
         f"`{command}`; {machine.describe(record)}; "
-        f"{os.cpu_count()} cores. time_ratio_vs_ours > 1: the peer is slower.\n\n"
-        f"{table}\n\n## Our peak memory, N={args.n} -> {args.long_n}\n\n"
+        f"{os.cpu_count()} cores. time_ratio_vs_ours > 1: the peer is slower. "
+        f"The rows: `effattn report {record['run_dir']}`.\n\n"
+        f"{text}\n\n## Our peak memory, N={args.n} -> {args.long_n}\n\n"
         f"```\n{json.dumps(scaling, indent=1)}\n```\n\n"
         f"## Alignment: max abs error vs exact attention, N={2 * args.bucket_size}, 1 hash\n\n"
         f"```\n{json.dumps(alignment, indent=1)}\n```\n"
-        + (
-            f"\n## Forward + backward\n\n```\n{json.dumps(backward, indent=1)}\n```\n"
-            if backward
-            else ""
-        )
     )
-    (args.out / "bench_lsh.json").write_text(
-        json.dumps(
-            {
-                "rows": [asdict(r) for r in rows],
-                "memory_scaling": scaling,
-                "alignment": alignment,
-                "forward_backward": backward,
-                "torch": torch.__version__,
-                "command": command,
-                **record,
-            },
-            indent=1,
-        )
-    )
-    print(table)
+    saved = {"rows": lines, "memory_scaling": scaling, "alignment": alignment}
+    saved.update(torch=torch.__version__, command=command, **record)
+    (args.out / "bench_lsh.json").write_text(json.dumps(saved, indent=1))
+    print(text)
     print(json.dumps(scaling, indent=1))
     print(json.dumps(alignment, indent=1))
-    if backward:
-        print(json.dumps(backward, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    def report(args: argparse.Namespace, setup: machine.CpuSetup, rows: list[dict]) -> None:
+        command = machine.command_line("benchmarks.bench_lsh", argv)
+        if args.vs_sdpa:
+            print(vs_sdpa.write(rows, args.out / "vs_sdpa.md", command, setup.record()))
+            return
+        record = {**setup.record(), "run_dir": str(args.run_dir or run_dir(args))}
+        write_report(args, command, record, rows)
+
+    cases.main(
+        make_cases,
+        argv,
+        script="benchmarks.bench_lsh",
+        description=__doc__,
+        arguments=arguments,
+        report=report,
+        run_dir=run_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from benchmarks import machine
 from benchmarks.settings import SYSTEM_MALLOC, THREADS
+from effattn.harness import machine
 
 _SETUP = pytest.StashKey[machine.CpuSetup]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """The suite's process keeps freed memory for the next call, as the sweep's workers do
-    (benchmarks.machine; EFFATTN_BENCH_SYSTEM_MALLOC=1 leaves the C library's malloc as it
+    (effattn.harness.machine; EFFATTN_BENCH_SYSTEM_MALLOC=1 leaves the C library's malloc as it
     comes)."""
     config.stash[_SETUP] = machine.prepare_cpu(THREADS, system_malloc=SYSTEM_MALLOC)
 

@@ -281,10 +281,9 @@ def _compiled_flex(flex_attention):
 def sparse_methods(args, pred, n: int, head_dim: int, mode: str, device) -> dict:
     """Our block-sparse kernel and compiled flex_attention over the same predicate, one
     pattern for every head, or one per head when ``pred`` has a ``heads`` attribute."""
-    from effattn.backend import Pattern
     from effattn.kernels.block_mask import BlockMask
     from effattn.kernels.block_sparse import block_sparse_attention
-    from effattn.patterns import dense_mask
+    from effattn.patterns import Pattern, dense_mask
     from effattn.reference import pattern_attention
 
     ours = BlockMask.from_predicate(pred, n, n, args.block, args.block, device)

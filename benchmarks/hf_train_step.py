@@ -7,8 +7,8 @@ backward, SGD update, batch 1, float32, causal, no padding. Implementations: tra
 ``effattn.integrations.huggingface.register()`` that can train on the device (on CPU the Triton
 backend runs under its interpreter and is left out). Timings are interleaved (every N and
 implementation once per repeat) in one process with the thread count pinned and freed memory
-kept for the next call, as in the sweep (benchmarks.machine; ``--system-malloc``: the C library's
-malloc as it comes); the table gives
+kept for the next call, as in the sweep (effattn.harness.machine; ``--system-malloc``: the C
+library's malloc as it comes); the table gives
 the median over repeats of each repeat's median, its spread, the speed-up against ``sdpa`` and
 the peak memory of a step above what was live before it.
 
@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 import effattn
-from benchmarks import machine
-from effattn.bench.meters import MIB, peak_memory_cpu, peak_memory_cuda, time_cpu, time_cuda
+from effattn.harness import machine
+from effattn.harness.meters import MIB, peak_memory_cpu, peak_memory_cuda, time_cpu, time_cuda
 from effattn.integrations import huggingface
 
 BASELINE = "sdpa"  # transformers' own implementation

@@ -1,6 +1,6 @@
 """pytest-benchmark suite: every registered backend x N x mode, grouped by N (`make bench`).
 
-The timed callables, inputs and FLOP counts are the sweep's own (effattn.bench.measure), so the
+The timed callables, inputs and FLOP counts are the sweep's own (effattn.sweep.measure), so the
 two measure the same thing. Each benchmark records its FLOPs, achieved GFLOP/s, peak memory
 above the inputs, device and thread count in extra_info, so a saved JSON is a complete record.
 Regression gate: `make bench-check` compares against the last saved run and fails when a median
@@ -14,9 +14,9 @@ import torch
 
 import effattn
 from benchmarks.settings import DEVICE, SEQ_LENS, THREADS
-from effattn.bench.measure import build_callable, point_flops
-from effattn.bench.meters import MIB, peak_memory_cpu, peak_memory_cuda
-from effattn.bench.spec import Point, Settings
+from effattn.harness.meters import MIB, peak_memory_cpu, peak_memory_cuda
+from effattn.sweep.measure import build_callable, point_flops
+from effattn.sweep.spec import Point, Settings
 
 B, H, D = 1, 8, 64
 MODES = ["fwd", "fwd_bwd"]

@@ -1,16 +1,17 @@
 """Sparse backends against dense torch SDPA in one process: the fraction of SDPA's GFLOP/s.
 
 For each N and mode (``fwd``: forward under no_grad; ``fwd_bwd``: forward, then
-``out.backward(grad_out)`` with q, k, v requiring grad, as the sweep does), every backend is
-timed interleaved with ``sdpa`` (effattn.bench.interleave: each candidate once per repeat,
-threads pinned). FLOPs are each backend's own ``flops()`` (only the pairs it computes; hashing,
-sorting and gathers count none), x3.5 for forward+backward, as in effattn.bench.measure. So
+``out.backward(grad_out)`` with q, k, v requiring grad, as the sweep does), every backend is a
+case (effattn.harness.cases) timed in interleaved rounds with ``sdpa`` (one comparison group per
+N and mode, threads pinned), its row written to the run folder with its speed-up vs sdpa taken
+per round. FLOPs are each backend's own ``flops()`` (only the pairs it computes; hashing,
+sorting and gathers count none), x3.5 for forward+backward, as in effattn.sweep.measure. So
 
     gflops_fraction = (flops_backend / time_backend) / (flops_sdpa / time_sdpa)
-                    = flops_backend / flops_sdpa * (median over repeats of t_sdpa / t_backend)
+                    = flops_backend / flops_sdpa * (median over rounds of t_sdpa / t_backend)
 
-and ``time_over_sdpa`` = median over repeats of t_backend / t_sdpa (< 1: faster than dense).
-Both are ratios within one repeat, so machine load that lands on a repeat lands on both.
+and ``time_over_sdpa`` = median over rounds of t_backend / t_sdpa (< 1: faster than dense).
+Both are ratios within one round, so machine load that lands on a round lands on both.
 
     .venv/bin/python -m benchmarks.bench_sparse --vs-sdpa     # bigbird, local, strided
     .venv/bin/python -m benchmarks.bench_lsh --vs-sdpa         # lsh
@@ -19,36 +20,18 @@ Both are ratios within one repeat, so machine load that lands on a repeat lands 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import effattn
-from benchmarks import machine
-from effattn.bench.interleave import time_interleaved
-from effattn.bench.measure import FWD_BWD_FACTOR
+from effattn.harness import cases, machine, table
+from effattn.sweep.measure import FWD_BWD_FACTOR
 
 B, H, D = 1, 8, 64
 MODES = ("fwd", "fwd_bwd")
-
-
-@dataclass(frozen=True)
-class VsSdpaRow:
-    """One backend at one (N, mode), timed interleaved with sdpa."""
-
-    backend: str  # registry name (default options)
-    n: int  # sequence length (Nq = Nk)
-    mode: str  # fwd or fwd_bwd
-    time_ms_median: float  # median over repeats of the backend's per-repeat median
-    sdpa_ms_median: float  # the same for sdpa, from the same repeats
-    time_over_sdpa: float  # median over repeats of t_backend / t_sdpa (< 1: faster)
-    flops_over_sdpa: float  # flops() of the backend / flops() of sdpa
-    gflops_fraction: float  # (flops / time) of the backend over that of sdpa
-    spread_iqr_over_median: float  # IQR / median of the backend's per-repeat medians
-    repeats: int  # interleaved repeats
-    threads: int  # torch intra-op threads, pinned
 
 
 def _call(name: str, n: int, mode: str) -> Callable[[], object]:
@@ -69,75 +52,89 @@ def _call(name: str, n: int, mode: str) -> Callable[[], object]:
     return run
 
 
-def vs_sdpa(
-    backends: Sequence[str],
-    ns: Sequence[int],
-    *,
-    repeats: int,
-    threads: int,
-    min_run_s: float = 0.5,
-    modes: Sequence[str] = MODES,
-) -> list[VsSdpaRow]:
-    """One row per (backend, N, mode); each (N, mode) times sdpa and all ``backends`` in one
-    interleaved run (bidirectional, B=1, H=8, D=64, float32)."""
-    rows = []
+def vs_sdpa_cases(
+    backends: Sequence[str], ns: Sequence[int], modes: Sequence[str] = MODES
+) -> list[cases.Case]:
+    """sdpa and every backend (default options) at each N and mode: bidirectional, B=1, H=8,
+    D=64, float32; each case's FLOPs from its backend's flops() (x3.5 for fwd_bwd)."""
+    found = []
     for n in ns:
         for mode in modes:
-            names = ["sdpa", *backends]
-            calls = {name: _call(name, n, mode) for name in names}
-            timed = time_interleaved(
-                calls, repeats=repeats, threads=threads, min_run_time_s=min_run_s
-            )
-            sdpa_flops = effattn.get_backend("sdpa").flops(B, H, n, n, D)
             factor = FWD_BWD_FACTOR if mode == "fwd_bwd" else 1.0
-            for name in backends:
-                flops = effattn.get_backend(name).flops(B, H, n, n, D)
-                time_ratio = timed.ratio(name, "sdpa")
-                rows.append(
-                    VsSdpaRow(
+            for name in ("sdpa", *backends):
+                flops = int(effattn.get_backend(name).flops(B, H, n, n, D) * factor)
+                found.append(
+                    cases.Case(
                         backend=name,
+                        label=name,
                         n=n,
                         mode=mode,
-                        time_ms_median=round(timed.median_ms(name), 1),
-                        sdpa_ms_median=round(timed.median_ms("sdpa"), 1),
-                        time_over_sdpa=round(time_ratio, 3),
-                        flops_over_sdpa=round(flops * factor / (sdpa_flops * factor), 4),
-                        gflops_fraction=round(flops / sdpa_flops / time_ratio, 3),
-                        spread_iqr_over_median=round(timed.repeat_iqr_over_median(name), 3),
-                        repeats=repeats,
-                        threads=threads,
+                        batch=B,
+                        heads=H,
+                        head_dim=D,
+                        flops=flops,
+                        build=lambda name=name, n=n, mode=mode: _call(name, n, mode),
                     )
                 )
-                print(rows[-1], flush=True)
-            del calls
-    return rows
+    return found
 
 
-def markdown(rows: Sequence[VsSdpaRow], command: str, setup: dict[str, object]) -> str:
+def summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One line per backend row beside the sdpa row of its (N, mode), rounded for the report:
+    time_ms_median, sdpa_ms_median, time_over_sdpa (median over rounds of t / t_sdpa),
+    flops_over_sdpa, gflops_fraction, spread_iqr_over_median (of its per-round medians)."""
+    sdpa = {(r["n"], r["mode"]): r for r in rows if r["label"] == "sdpa" and r["status"] == "ok"}
+    lines = []
+    for row in rows:
+        base = sdpa.get((row["n"], row["mode"]))
+        if row["label"] == "sdpa" or base is None:
+            continue
+        line = {"backend": row["label"], "n": row["n"], "mode": row["mode"]}
+        time_ratio = cases.ratio(row, base) if row["status"] == "ok" else None
+        if time_ratio is None:
+            lines.append({**line, "time_ms_median": f"{row['status']}: {row['reason']}"})
+            continue
+        flops_ratio = row["flops"] / base["flops"]
+        lines.append(
+            {
+                **line,
+                "time_ms_median": round(row["time_ms_median"], 1),
+                "sdpa_ms_median": round(base["time_ms_median"], 1),
+                "time_over_sdpa": round(time_ratio, 3),
+                "flops_over_sdpa": round(flops_ratio, 4),
+                "gflops_fraction": round(flops_ratio / time_ratio, 3),
+                "spread_iqr_over_median": round(cases.spread(row), 3),
+                "repeats": row["rounds"],
+                "threads": row["threads"],
+            }
+        )
+    return lines
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], command: str, setup: dict[str, object]) -> str:
     """The rows as a markdown report, with the command, the CPU set-up and the machine load
-    (``setup``: benchmarks.machine.CpuSetup.record())."""
-    cols = list(asdict(rows[0])) if rows else []
+    (``setup``: effattn.harness.machine.CpuSetup.record())."""
     lines = [
         "# Sparse backends vs dense torch SDPA: fraction of SDPA's GFLOP/s",
         "",
         f"Produced by `{command}` (torch {torch.__version__}, B={B}, H={H}, D={D}, float32, "
-        "bidirectional). Each (N, mode) times sdpa and the backends interleaved in one "
-        "process; gflops_fraction = (flops/time of the backend) / (flops/time of sdpa), "
+        "bidirectional). Each (N, mode) times sdpa and the backends in interleaved rounds in "
+        "one process; gflops_fraction = (flops/time of the backend) / (flops/time of sdpa), "
         "flops from each backend's own flops() (computed pairs only; hashing, sorting and "
         "gathers count none; forward+backward = 3.5x forward for both). time_over_sdpa < 1: "
         "faster than dense SDPA.",
         f"{machine.describe(setup)}; {os.cpu_count()} cores.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        table.markdown(summary(rows), floatfmt=""),  # each number as rounded (str)
     ]
-    lines += ["| " + " | ".join(str(x) for x in asdict(r).values()) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write(rows: Sequence[VsSdpaRow], out: Path, command: str, setup: dict[str, object]) -> Path:
+def write(
+    rows: Sequence[Mapping[str, Any]], out: Path, command: str, setup: dict[str, object]
+) -> Path:
     """Write the report to ``out`` (a .md file; its folder is created) and return the path;
-    ``setup``: benchmarks.machine.CpuSetup.record()."""
+    ``setup``: effattn.harness.machine.CpuSetup.record()."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(rows, command, setup))
     return out

@@ -6,20 +6,24 @@
 """
 
 from effattn.api import attention
-from effattn.backend import Backend, Pattern
+from effattn.backend import Backend
+from effattn.decoding import DecodeState, decode_state
 from effattn.nn import MultiheadAttention, TransformerXLAttention
+from effattn.patterns import Pattern
 from effattn.registry import backend_class, get_backend, list_backends, register_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "DecodeState",
     "MultiheadAttention",
     "Pattern",
     "TransformerXLAttention",
     "__version__",
     "attention",
     "backend_class",
+    "decode_state",
     "get_backend",
     "list_backends",
     "register_backend",

@@ -15,8 +15,9 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """q: (B, H, Nq, D); k, v: (B, H, Nk, D); one floating dtype and one device."""
+def validate_qkv(q: Tensor, k: Tensor, v: Tensor, *, grouped: bool = False) -> None:
+    """q: (B, H, Nq, D); k, v: (B, H, Nk, D); one floating dtype and one device. ``grouped``:
+    k and v may have Hkv heads with H % Hkv == 0 (grouped-query attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -35,11 +36,18 @@ def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
-    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+    if k.shape[:2] != v.shape[:2]:
         raise ValueError(
-            "k, v: expected the batch and head sizes (B, H) of q "
-            f"{tuple(q.shape[:2])}, got k {tuple(k.shape[:2])} and v {tuple(v.shape[:2])}"
+            f"v: expected the batch and head sizes of k {tuple(k.shape[:2])}, got "
+            f"{tuple(v.shape[:2])}"
         )
+    batch, heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    if k.shape[0] != batch:
+        raise ValueError(f"k, v: expected the batch size B={batch} of q, got {k.shape[0]}")
+    if kv_heads != heads and not (grouped and kv_heads > 0 and heads % kv_heads == 0):
+        wanted = f"a divisor of q's H={heads} (H % Hkv == 0)" if grouped else f"H={heads} like q"
+        raise ValueError(f"k, v: expected heads {wanted}, got {kv_heads}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"v: expected as many positions as k (Nk={k.shape[2]}), got {v.shape[2]}")
     if k.shape[3] != q.shape[3] or v.shape[3] != q.shape[3]:

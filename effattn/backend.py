@@ -11,14 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from effattn._validate import resolve_scale, validate_flag, validate_key_padding_mask, validate_qkv
-from effattn.ops import attention_flops, keep_mask, pair_count
-from effattn.patterns import Predicate, dense_mask
+from effattn.ops import attention_flops, keep_mask, pair_count, repeat_kv_heads
+from effattn.patterns import Pattern, Predicate, dense_mask
+from effattn.reference import pattern_probabilities
+
+if TYPE_CHECKING:
+    from effattn.decoding import DecodeState, StateShape
 
 _DTYPE_NAMES = {
     torch.float16: "float16",
@@ -39,30 +43,6 @@ _REFUSALS = {
 
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """What a backend attended over for given inputs, as dense tensors (tests and pictures only).
-
-    mask:   (B or 1, H or 1, Nq, Nk) bool; True = the pair was computed. Includes causality and
-            key padding.
-    weight: None, or float of the mask's shape: how many times a pair counts (LSH meets a pair in
-            several hash rounds); absent = 1.
-    bias:   None, or float of the mask's shape: an additive score term (Transformer-XL's
-            relative positions); absent = 0.
-    key:    None, or (B, H, Nk, D): the keys actually scored when the backend replaces ``k``
-            (shared-QK LSH scores against unit-normalised queries); absent = ``k``.
-
-    The contract: with ``s = scale * q @ key^T``, the backend's output row i is
-    ``sum_j m_ij w_ij exp(s_ij + b_ij) v_j / sum_j m_ij w_ij exp(s_ij + b_ij)``,
-    and zero where row i keeps no key.
-    """
-
-    mask: Tensor
-    weight: Tensor | None = None
-    bias: Tensor | None = None
-    key: Tensor | None = None
 
 
 def predicate_pattern(
@@ -113,6 +93,14 @@ class Backend:
     # False for low-rank and kernel backends (pattern() raises; attention_matrix() is their
     # picture and reference() their dense formula).
     has_pattern: ClassVar[bool] = True
+    # True if forward() takes k, v with fewer heads than q (grouped-query attention) itself;
+    # otherwise __call__ repeats them to every query head first (a copy).
+    native_gqa: ClassVar[bool] = False
+    # What decode_state() keeps, per sequence, in O-notation of the positions N seen so far
+    # ("O(N)": a K/V cache, "O(w)": a window, "O(1)": running sums); "-": it cannot decode.
+    state_complexity: ClassVar[str] = "-"
+    # Why a backend that cannot decode with a state cannot (shown by decode_state's refusal).
+    decode_refusal: ClassVar[str] = "it has no decoding state"
     complexity: ClassVar[str] = "O(N^2)"  # time, as in Tay et al.'s survey table
     memory_complexity: ClassVar[str] = "O(N^2)"  # extra memory beyond q, k, v and the output
     tay_class: ClassVar[str] = "-"  # FP, LP, LR, KR, M, RC, DS (Tay et al.); "-" for exact dense
@@ -131,14 +119,33 @@ class Backend:
     ) -> Tensor:
         """Attention over q: (B, H, Nq, D), k, v: (B, H, Nk, D); returns (B, H, Nq, D).
 
+        k and v may have Hkv heads with H % Hkv == 0 (grouped-query attention, SDPA's
+        ``enable_gqa`` layout: query head h reads key/value head h // (H / Hkv)); a backend
+        without ``native_gqa`` gets them repeated to H heads.
         key_padding_mask: (B, Nk) bool, True = the key takes part (SDPA's convention).
         causal: the last query is aligned with the last key (see effattn.patterns.causal).
         scale: the softmax scale, 1/sqrt(D) when None.
         """
-        resolved = self._checked(q, k, v, causal, key_padding_mask, scale)
-        return self.forward(
+        resolved = self._checked(q, k, v, causal, key_padding_mask, scale, grouped=True)
+        return self.grouped_forward(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=resolved
         )
+
+    def grouped_forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None,
+        scale: float,
+    ) -> Tensor:
+        """:meth:`forward` on checked inputs whose k, v may have fewer heads than q: passed as
+        they are to a backend with ``native_gqa``, repeated to q's heads for the others."""
+        if k.shape[1] != q.shape[1] and not self.native_gqa:
+            k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
+        return self.forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
     def _checked(
         self,
@@ -150,10 +157,12 @@ class Backend:
         scale: float | None,
         *,
         dense: bool = False,
+        grouped: bool = False,
     ) -> float:
         """Check a call's inputs and this backend's support for it; the resolved scale.
-        ``dense``: for reference() and attention_matrix(), which run on any device and dtype."""
-        validate_qkv(q, k, v)
+        ``dense``: for reference() and attention_matrix(), which run on any device and dtype;
+        ``grouped``: k, v may have fewer heads than q (the call; the dense forms take H)."""
+        validate_qkv(q, k, v, grouped=grouped)
         validate_flag("causal", causal)
         validate_key_padding_mask(key_padding_mask, q, k)
         resolved = resolve_scale(scale, q.shape[-1])
@@ -187,6 +196,11 @@ class Backend:
     ) -> Tensor:
         """The computation, on inputs already checked by :meth:`__call__`."""
         raise NotImplementedError
+
+    def decode_state(self, shape: StateShape) -> DecodeState:
+        """An empty decoding state for sequences of ``shape`` (effattn.decoding.decode_state
+        checks the arguments first). The default refuses with :attr:`decode_refusal`."""
+        raise ValueError(f"backend {self.name!r} cannot decode with a state: {self.decode_refusal}")
 
     # -- declarations -----------------------------------------------------------------------
     def not_supported_reasons(
@@ -288,7 +302,6 @@ class Backend:
         path; their A need not be a probability matrix (Linformer's and Nystrom's have negative
         entries). q: (B, H, Nq, D), k, v: (B, H, Nk, D).
         """
-        from effattn.reference import pattern_probabilities  # reference imports this module
 
         resolved = self._checked(q, k, v, causal, key_padding_mask, scale, dense=True)
         q64, k64 = q.double(), k.double()
@@ -346,6 +359,7 @@ class Backend:
             "complexity": cls.complexity,
             "memory": cls.memory_complexity,
             "class": cls.tay_class,
+            "state": cls.state_complexity,
             "options": ", ".join(
                 f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
                 for f in dataclasses.fields(cls)

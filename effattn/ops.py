@@ -14,6 +14,18 @@ from effattn.patterns import causal as causal_predicate
 from effattn.patterns import dense_mask
 
 
+def repeat_kv_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, Hkv, N, D) -> (B, heads, N, D) for grouped-query attention: query head h reads
+    key/value head h // (heads / Hkv), SDPA's ``enable_gqa`` layout. A copy; ``t`` itself when
+    Hkv == heads."""
+    batch, kv_heads, length, dim = t.shape
+    if kv_heads == heads:
+        return t
+    groups = heads // kv_heads
+    expanded = t[:, :, None].expand(batch, kv_heads, groups, length, dim)  # (B, Hkv, G, N, D)
+    return expanded.reshape(batch, heads, length, dim)  # (B, Hkv, G, N, D) -> (B, H, N, D)
+
+
 def keep_mask(
     batch: int,
     q_len: int,

@@ -10,6 +10,7 @@ query at ``q_idx`` attends to the key at ``kv_idx``. Predicates are built by sma
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -185,3 +186,27 @@ def block_table(table: Tensor, block_size: int, kv_block_size: int | None = None
         return table[..., qb, kb]
 
     return _named(pred, f"block_table_{block_size}")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """What a backend attended over for given inputs, as dense tensors (tests and pictures only).
+
+    mask:   (B or 1, H or 1, Nq, Nk) bool; True = the pair was computed. Includes causality and
+            key padding.
+    weight: None, or float of the mask's shape: how many times a pair counts (LSH meets a pair in
+            several hash rounds); absent = 1.
+    bias:   None, or float of the mask's shape: an additive score term (Transformer-XL's
+            relative positions); absent = 0.
+    key:    None, or (B, H, Nk, D): the keys actually scored when the backend replaces ``k``
+            (shared-QK LSH scores against unit-normalised queries); absent = ``k``.
+
+    The contract: with ``s = scale * q @ key^T``, the backend's output row i is
+    ``sum_j m_ij w_ij exp(s_ij + b_ij) v_j / sum_j m_ij w_ij exp(s_ij + b_ij)``,
+    and zero where row i keeps no key.
+    """
+
+    mask: Tensor
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    key: Tensor | None = None

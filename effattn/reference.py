@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effattn.backend import Pattern
+from effattn.patterns import Pattern
 
 
 def pattern_probabilities(q: Tensor, k: Tensor, pattern: Pattern, scale: float) -> Tensor:

@@ -174,3 +174,32 @@ def get_backend(name: str | Backend, **options: Any) -> Backend:
     cls = backend_class(name)
     check_options(cls, options)
     return cls(**options)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """A backend name and its options, as written ``local:window=256``."""
+
+    name: str  # a registered backend name
+    options: tuple[tuple[str, Any], ...] = ()  # (option, typed value) pairs, sorted by option
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+
+def parse_backend_spec(text: str) -> BackendSpec:
+    """``"local:window=256"`` -> BackendSpec("local", (("window", 256),)), checked against the
+    registry: an unknown backend or option, or a bad value, raises ValueError/TypeError."""
+    name, _, rest = text.strip().partition(":")
+    cls = backend_class(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"backend {text!r}: expected options as key=value, got {item!r}")
+        options[key.strip()] = parse_option_value(cls, key.strip(), value.strip())
+    get_backend(name, **options)  # the backend's own checks of the values
+    return BackendSpec(name, tuple(sorted(options.items())))

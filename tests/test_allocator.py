@@ -1,4 +1,4 @@
-"""effattn.bench.allocator: with freed memory kept, a large block freed by one call is reused by
+"""effattn.harness.allocator: with freed memory kept, a large block freed by one call is reused by
 the next without page faults; without it (glibc's default) every call faults its pages in again.
 Each case runs in a fresh interpreter, since the switch lasts for the whole process."""
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from effattn.bench import store
-from effattn.bench.allocator import can_keep_freed_memory, meminfo_kib
+from effattn.harness import machine
+from effattn.harness.allocator import can_keep_freed_memory, meminfo_kib
 
 # Faults while a 256 MiB tensor is filled after ``before`` others were filled and freed: 65,536
 # pages of 4 KiB (128 with transparent huge pages) unless the block's pages are already mapped.
@@ -21,8 +21,8 @@ from effattn.bench.allocator import can_keep_freed_memory, meminfo_kib
 _FAULTS_OF_FILL = """
 import resource, sys
 import torch
-from effattn.bench.allocator import keep_freed_memory
-from effattn.bench.allocator import reserve_heap
+from effattn.harness.allocator import keep_freed_memory
+from effattn.harness.allocator import reserve_heap
 if sys.argv[1] in ("keep", "reserve"):
     assert keep_freed_memory()
 if sys.argv[1] == "reserve":
@@ -61,7 +61,7 @@ def test_a_reserved_heap_has_its_pages_mapped_before_the_first_use():
 def test_elsewhere_nothing_changes(monkeypatch: pytest.MonkeyPatch):
     import platform
 
-    from effattn.bench import allocator
+    from effattn.harness import allocator
 
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert not allocator.can_keep_freed_memory()
@@ -80,11 +80,11 @@ def test_meminfo_reads_the_os_counters_in_kib():
 
 def test_flush_writes_reports_the_pending_writes_in_mib(monkeypatch):
     synced = []
-    monkeypatch.setattr(store.os, "sync", lambda: synced.append(1))
-    monkeypatch.setattr(store, "meminfo_kib", lambda: {"Dirty": 3072, "Writeback": 1024})
-    assert store.flush_writes() == 4.0 and synced == [1]
-    monkeypatch.setattr(store, "meminfo_kib", dict)  # no /proc/meminfo: unknown, still synced
-    assert store.flush_writes() is None and synced == [1, 1]
+    monkeypatch.setattr(machine.os, "sync", lambda: synced.append(1))
+    monkeypatch.setattr(machine, "meminfo_kib", lambda: {"Dirty": 3072, "Writeback": 1024})
+    assert machine.flush_writes() == 4.0 and synced == [1]
+    monkeypatch.setattr(machine, "meminfo_kib", dict)  # no /proc/meminfo: unknown, still synced
+    assert machine.flush_writes() is None and synced == [1, 1]
 
 
 def test_meminfo_is_empty_where_the_os_has_none(monkeypatch):

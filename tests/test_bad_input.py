@@ -17,8 +17,9 @@ def _qkv(b=2, h=3, n=5, d=4, dtype=torch.float32):
     ("change", "error", "pattern"),
     [
         (lambda q, k, v: (q[0], k, v), ValueError, r"q: expected a 4-D tensor .* got 3-D"),
-        (lambda q, k, v: (q, k[:1], v[:1]), ValueError, r"batch and head sizes"),
-        (lambda q, k, v: (q, k[:, :2], v[:, :2]), ValueError, r"batch and head sizes"),
+        (lambda q, k, v: (q, k[:1], v[:1]), ValueError, r"batch size B=2 of q, got 1"),
+        (lambda q, k, v: (q, k[:, :2], v[:, :2]), ValueError, r"divisor of q's H=3 .* got 2"),
+        (lambda q, k, v: (q, k, v[:, :1]), ValueError, r"v: expected the batch and head sizes"),
         (lambda q, k, v: (q, k[..., :2], v), ValueError, r"head dim D=4 .* got k 2"),
         (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, r"v: expected as many positions as k"),
         (lambda q, k, v: (q, k.double(), v), TypeError, r"k: expected dtype torch.float32"),

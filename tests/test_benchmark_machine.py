@@ -1,4 +1,4 @@
-"""benchmarks.machine: every benchmark script pins its threads and keeps freed memory as the
+"""effattn.harness.machine: every benchmark script pins its threads and keeps freed memory as the
 sweep's workers do (unless --system-malloc), and says which in what it writes."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import types
 import pytest
 import torch
 
-from benchmarks import bench_lsh, bench_sparse, bench_xl, conftest, machine
+from benchmarks import bench_lsh, bench_sparse, bench_xl, conftest
 from benchmarks.settings import THREADS
+from effattn.harness import machine
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_prepare_cpu_pins_threads_and_keeps_freed_memory(kept_calls):
     assert {"load_average_start", "load_average_end"} <= set(record)
     text = machine.describe(record)
     assert text.startswith(
-        "1 threads pinned; freed memory kept for the next call (effattn.bench.allocator); "
+        "1 threads pinned; freed memory kept for the next call (effattn.harness.allocator); "
         "load average (1, 5, 15 min) "
     )
     assert text.endswith(" at the end")

@@ -71,57 +71,58 @@ def test_python_dash_m_runs_the_same_command():
     assert "unknown backend 'nosuch'" in done.stderr
 
 
-def test_unknown_options_are_refused_except_for_peers(capsys):
+def test_unknown_options_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["list", "--nosuch"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --nosuch" in capsys.readouterr().err
 
 
-def test_peers_passes_its_options_to_benchmarks_peers(monkeypatch):
-    from effattn import cli
+def test_peers_options_are_its_own_argparse_options(capsys):
+    from effattn.cli import build_parser
 
-    seen = []
-
-    class FakePeers:
-        @staticmethod
-        def main(argv):
-            seen.append(argv)
-
-    monkeypatch.setattr(cli, "_peers_module", lambda: FakePeers)
-    assert main(["peers", "--n", "2048", "--only", "local,lsh"]) == 0
-    assert main(["peers", "--peers-help"]) == 0
-    assert seen == [["--n", "2048", "--only", "local,lsh"], ["--help"]]
+    args = build_parser().parse_args(["peers", "--n", "2048", "--only", "local,lsh"])
+    assert (args.n, args.only, args.threads, args.repeats) == (2048, "local,lsh", 2, 3)
+    assert not args.system_malloc and str(args.out) == "reports/peers"
+    with pytest.raises(SystemExit) as exit_info:  # nothing is passed through any more
+        main(["peers", "--nosuch"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --nosuch" in capsys.readouterr().err
 
 
-def test_peers_is_the_real_benchmarks_peers_from_the_checkout(capsys):
-    with pytest.raises(SystemExit) as exit_info:  # its own argparse help
-        main(["peers", "--peers-help"])
-    assert exit_info.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+def test_peers_is_a_study_in_the_package_and_needs_no_checkout(tmp_path):
+    """The command module lives in the installed package (no benchmarks/ folder needed), and its
+    help works from anywhere, without importing the checkout's benchmarks."""
+    import effattn
+    from effattn.cli import command_module
 
-
-def test_peers_outside_a_source_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
-    from effattn import cli
-
-    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)  # an installed wheel: no benchmarks/
-    assert main(["peers"]) == 2
-    err = capsys.readouterr().err
-    assert "effattn peers: error:" in err and "not installed with the package" in err
-    assert "pip install -c constraints.txt -e '.[peers]'" in err
+    module = command_module("peers")
+    assert module.__name__ == "effattn.peers.cli"
+    package = Path(effattn.__file__).resolve().parent
+    assert Path(module.__file__).resolve().is_relative_to(package)
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom effattn.cli import main\ntry:\n    main(['peers', '--help'])\n"
+         "except SystemExit as e:\n    print('exit', e.code, 'benchmarks' in sys.modules)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "usage: effattn peers" in done.stdout and "--only" in done.stdout
+    assert done.stdout.strip().endswith("exit 0 False")
 
 
 def test_the_readme_sweep_example_runs_on_cpu_without_the_cuda_grid(tmp_path, capsys):
     """The preset's triton grid (device cuda) takes --backends too; on a machine without CUDA
     it is left out with a message, while --device cuda asked for by name is still an error."""
-    from effattn.bench.spec import expand
-    from effattn.cli import _sweep_spec, build_parser
+    from effattn.cli import build_parser
+    from effattn.sweep.commands.sweep import sweep_spec
+    from effattn.sweep.spec import expand
 
     args = build_parser().parse_args(
         ["sweep", "--backends", "full", "local:window=128", "--seq-lens", "1024", "2048",
          "--mode", "fwd_bwd"]
     )  # fmt: skip
-    spec, overridden = _sweep_spec(args)
+    spec, overridden = sweep_spec(args)
     assert overridden
     if not __import__("torch").cuda.is_available():
         points, messages = expand(spec, strict=True, strict_device=False)
@@ -133,20 +134,22 @@ def test_the_readme_sweep_example_runs_on_cpu_without_the_cuda_grid(tmp_path, ca
 
 
 def test_system_malloc_turns_the_kept_heap_off():
-    from effattn.cli import _sweep_spec, build_parser
+    from effattn.cli import build_parser
+    from effattn.sweep.commands.sweep import sweep_spec
 
-    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep"]))
+    spec, overridden = sweep_spec(build_parser().parse_args(["sweep"]))
     assert spec.settings.keep_freed_memory and not overridden  # the default
-    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--system-malloc"]))
+    spec, overridden = sweep_spec(build_parser().parse_args(["sweep", "--system-malloc"]))
     assert not spec.settings.keep_freed_memory and overridden  # a run id of its own
 
 
 def test_bracket_every_comes_from_the_command_line(capsys):
-    from effattn.cli import _sweep_spec, build_parser
+    from effattn.cli import build_parser
+    from effattn.sweep.commands.sweep import sweep_spec
 
-    spec, _ = _sweep_spec(build_parser().parse_args(["sweep"]))
+    spec, _ = sweep_spec(build_parser().parse_args(["sweep"]))
     assert spec.settings.bracket_every == 0  # the tay preset does not bracket
-    spec, overridden = _sweep_spec(build_parser().parse_args(["sweep", "--bracket-every", "3"]))
+    spec, overridden = sweep_spec(build_parser().parse_args(["sweep", "--bracket-every", "3"]))
     assert spec.settings.bracket_every == 3 and overridden
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", "--bracket-every", "-1"])

@@ -13,18 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from effattn.bench import compare, stats
-from effattn.bench.runner import ratio_fields, timing_fields
-from effattn.bench.spec import Point
-from effattn.bench.store import RESULTS, ResultsFile, Row
 from effattn.cli import main
+from effattn.harness import stats
+from effattn.harness.rows import Row, ratio_fields, timing_fields
+from effattn.harness.store import RESULTS, ResultsFile
+from effattn.sweep import compare
+from effattn.sweep.spec import Point
 
 ROUNDS = 4
 COST = {"full": 2.0, "sdpa": 1.0}  # ms per call at N=32, x N/32
 
 
 def _write_run(folder: Path, *, slower_full: float = 1.0) -> Path:
-    """A run as the sweep writes it (runner.timing_fields, ratio_fields), from seeded synthetic
+    """A run as the sweep writes it (rows.timing_fields, ratio_fields), from seeded synthetic
     timings: 4 rounds, each with its own machine load shared by the group's backends, 3% noise
     per timed run. ``slower_full`` multiplies full's times (the injected regression)."""
     rng = np.random.default_rng(0)  # the same draws for every run: identical runs are identical

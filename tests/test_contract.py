@@ -238,7 +238,7 @@ def test_low_rank_and_kernel_backends_are_declared_and_pictured():
     """The survey's LR and KR classes are listed with their declarations, and the patterns
     figure shows them as their effective attention matrix, labelled so."""
     pytest.importorskip("matplotlib")
-    from effattn.bench.plots import plot_patterns
+    from effattn.sweep.plots import plot_patterns
 
     classes = {"linformer": "LR", "nystrom": "LR", "performer": "KR", "linear": "KR"}
     for name, tay_class in classes.items():

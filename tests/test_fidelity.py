@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from effattn.fidelity import cli, extra
 from effattn.fidelity.corpus import MODULES, docstring_text
 from effattn.fidelity.grid import DEFAULT_GRID, Skipped, settings_of
-from effattn.fidelity.measure import FidelityConfig, FidelityRow, FidelityRun
+from effattn.fidelity.measure import FidelityConfig, FidelityPoint, FidelityRow, FidelityRun
 from effattn.fidelity.report import plot_fidelity, to_frame, write_report
 from effattn.registry import get_backend, list_backends
 
@@ -107,10 +108,9 @@ def test_default_grid_holds_each_sweep_default_and_runs_xl_causally():
     assert all(s.causal == (s.spec.name == "xl") for s in settings)
 
 
-def _row(label: str, **metrics) -> FidelityRow:
-    backend = label.partition(":")[0]
-    base = dict(curve=backend, label=label, backend=backend, causal=False, status="ok", reason="")
-    return FidelityRow(**{**base, "documents": 3, "seq_len": 512, **metrics})
+def _row(label: str, status: str = "ok", reason: str = "", **metrics) -> FidelityRow:
+    point = FidelityPoint.of_skipped(Skipped(label.partition(":")[0], label, ""), _CONFIG)
+    return FidelityRow.make(point, status, reason, **metrics)
 
 
 def _ok(label: str, cosine: float, fraction: float) -> FidelityRow:
@@ -128,13 +128,16 @@ def _ok(label: str, cosine: float, fraction: float) -> FidelityRow:
     )
 
 
+_CONFIG = FidelityConfig(documents=3)
+
+
 def _run(rows) -> FidelityRun:
     return FidelityRun(
         rows=tuple(rows),
         corpus_modules=MODULES[:3],
         corpus_digest="0" * 64,
         python="3.11.7",
-        config=FidelityConfig(documents=3),
+        config=_CONFIG,
         versions={"torch": "2.13.0"},
         wall_s=12.0,
     )
@@ -166,8 +169,8 @@ def test_report_writes_table_csv_and_plot(tmp_path):
 
 
 def test_the_sweep_report_reads_the_fidelity_csv_by_setting(tmp_path):
-    from effattn.bench.report import load_fidelity
     from effattn.registry import get_backend
+    from effattn.sweep.report import load_fidelity
 
     rows = [
         _ok("bigbird:block_size=64", 0.97, 1.0),
@@ -201,15 +204,25 @@ def test_docstring_text_reads_source_without_importing():
 
 
 # -- the real model (the fidelity extra) ---------------------------------------------------------
+def _window_args(folder: Path, **overrides) -> argparse.Namespace:
+    """The command on 2 documents: the exact backends, local with window 511 (every pair at
+    N = 512) and smaller windows; the run in folder/runs, the report in folder."""
+    paths = {"out": folder / "fidelity-cpu", "plots": folder, "runs": folder / "runs"}
+    return _args(**{"documents": 2, "backends": WINDOW_SPECS, "quiet": True, **paths, **overrides})
+
+
 @pytest.fixture(scope="module")
-def window_run(tmp_path_factory) -> tuple[pd.DataFrame, str]:
-    """One run of the command on 2 documents: the exact backends, local with window 511 (every
-    pair at N = 512) and smaller windows; its csv and markdown."""
+def window_out(tmp_path_factory) -> Path:
+    """The folder of one run of the command (:func:`_window_args`) and its report."""
     out = tmp_path_factory.mktemp("fidelity")
-    args = _args(
-        documents=2, backends=WINDOW_SPECS, out=out / "fidelity-cpu", plots=out, quiet=True
-    )
-    assert cli.run(args) == 0
+    assert cli.run(_window_args(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def window_run(window_out: Path) -> tuple[pd.DataFrame, str]:
+    """The run's csv and markdown."""
+    out = window_out
     frame = pd.read_csv(out / "fidelity-cpu.csv").set_index("label")
     return frame, (out / "fidelity-cpu.md").read_text()
 
@@ -270,3 +283,29 @@ def test_corpus_is_real_text_in_halves_of_512_tokens():
     assert load_corpus(tokenizer, 3).digest == corpus.digest
     with pytest.raises(ValueError, match="documents of 2 x 512 tokens"):
         load_corpus(tokenizer, len(MODULES) + 1)
+
+
+def _report_bytes(folder: Path) -> dict[str, bytes]:
+    names = ("fidelity-cpu.md", "fidelity-cpu.csv", "fidelity-cpu.png")
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+@needs_extra
+def test_the_real_run_resumes_with_nothing_to_measure_and_rebuilds_its_report(
+    window_out, monkeypatch
+):
+    from effattn.fidelity import runner
+    from effattn.harness.store import RESULTS
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a resumed run with every row measured nothing")
+
+    results = window_out / "runs" / "fidelity-cpu" / RESULTS
+    rows = results.read_bytes()
+    monkeypatch.setattr(runner, "measure", no_measuring)
+    for name, extra_options in (("again", {}), ("rebuilt", {"report_only": True})):
+        folder = window_out / name
+        args = _window_args(window_out, out=folder / "fidelity-cpu", plots=folder, **extra_options)
+        assert cli.run(args) == 0
+        assert _report_bytes(folder) == _report_bytes(window_out), name
+    assert results.read_bytes() == rows

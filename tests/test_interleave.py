@@ -1,7 +1,7 @@
-"""Interleaving. effattn.bench.interleave (the peers' helper): the calls are timed in
+"""Interleaving. effattn.harness.interleave (the peers' helper): the calls are timed in
 interleaved order, and median, spreads and ratio (the median of per-repeat ratios, not the ratio
 of medians) are what the docstring says; a fake meter stands in for meters.time_cpu: each timing
-is scripted, nothing depends on speed. The sweep's rounds (effattn.bench.runner): a fresh
+is scripted, nothing depends on speed. The sweep's rounds (effattn.sweep.runner): a fresh
 shuffled order each round, and calls that really alternate between a group's backends."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from effattn import registry
-from effattn.bench import interleave
-from effattn.bench.interleave import Interleaved, time_interleaved
-from effattn.bench.meters import Timing
-from effattn.bench.runner import GroupRun, bracket_refs, round_schedule, run_sweep
-from effattn.bench.spec import Grid, Settings, SweepSpec, expand
-from effattn.bench.store import RESULTS, ResultsFile
+from effattn.harness import interleave
+from effattn.harness.interleave import Interleaved, time_interleaved
+from effattn.harness.meters import Timing
+from effattn.harness.store import RESULTS, ResultsFile
+from effattn.sweep.group import GroupRun, bracket_refs, round_schedule
+from effattn.sweep.runner import run_sweep
+from effattn.sweep.spec import Grid, Settings, SweepSpec, expand
 
 
 def _fake_meter(
@@ -141,7 +142,7 @@ def test_with_the_real_meter():
     assert timed.ratio("a", "b") > 0
 
 
-# -- the sweep's interleaved rounds (effattn.bench.runner) -------------------------------------
+# -- the sweep's interleaved rounds (effattn.sweep.runner) -------------------------------------
 _LOGGING = """
 from dataclasses import dataclass
 from pathlib import Path

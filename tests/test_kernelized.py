@@ -8,7 +8,7 @@ import torch
 
 import effattn
 import effattn.backends.kernelized.product as kernel_product
-from effattn.bench.meters import peak_memory_cpu
+from effattn.harness.meters import peak_memory_cpu
 from tests.pattern_check import assert_matches
 from tests.reference import linear_reference, performer_reference, reference_attention
 

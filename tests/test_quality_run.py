@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from effattn.bench.report import read_runs
-from effattn.bench.store import RESULTS, ResultsFile
+from effattn.harness.store import RESULTS, ResultsFile, read_runs
 from effattn.quality import report
 from effattn.quality.__main__ import main
 from effattn.quality.runner import run_quality

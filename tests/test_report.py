@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from effattn.bench import plots, report, stats
-from effattn.bench.spec import Point
-from effattn.bench.store import RESULTS, ResultsFile, Row
 from effattn.cli import main
+from effattn.harness import figures, stats
+from effattn.harness.rows import Row
+from effattn.harness.store import RESULTS, ResultsFile
+from effattn.sweep import plots, report
+from effattn.sweep.spec import Point
 
 
 def _point(backend: str, n: int, mode: str = "fwd") -> Point:
@@ -197,7 +199,7 @@ def test_plot_functions_return_figures(tmp_path: Path):
     fig = plots.plot_time(fwd)
     assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
     assert "time_ms_median" in fig.axes[0].get_ylabel()
-    paths = plots.save_figure(fig, tmp_path / "x")
+    paths = figures.save_figure(fig, tmp_path / "x")
     assert [p.suffix for p in paths] == [".png", ".svg"]
 
 

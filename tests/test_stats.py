@@ -1,7 +1,7 @@
-"""effattn.bench.stats on synthetic timings with a known truth: the intervals cover the true
+"""effattn.harness.stats on synthetic timings with a known truth: the intervals cover the true
 median and the true ratio at about the stated rate, a wide interval is flagged unstable, a
 change between two runs is found when there is one and not when there is none. Also the
-efficiency length (effattn.bench.report.efficiency_length)."""
+efficiency length (effattn.sweep.report.efficiency_length)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import os
 import numpy as np
 import pytest
 
-from effattn.bench import stats
-from effattn.bench.report import efficiency_length
-from effattn.bench.runner import sweep_warnings, unstable_cells
-from effattn.bench.store import busy_cores, cpu_jiffies, repeat_intervals
+from effattn.harness import stats
+from effattn.harness.machine import busy_cores, cpu_jiffies
+from effattn.harness.rows import repeat_intervals
+from effattn.sweep.report import efficiency_length
+from effattn.sweep.runner import sweep_warnings, unstable_cells
 
 ROUNDS = 5  # rounds of the synthetic cells
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from effattn import registry
-from effattn.bench import runner
-from effattn.bench.runner import gpu_slots, measure_points, run_sweep
-from effattn.bench.spec import Grid, Point, Settings, SweepSpec, expand, load_preset
-from effattn.bench.store import RESULTS, ResultsFile, Row, merge_rows
-from effattn.bench.worker import load_plugins
 from effattn.cli import main
+from effattn.harness.rows import Row
+from effattn.harness.store import RESULTS, ResultsFile, merge_rows
+from effattn.harness.worker import load_plugins
+from effattn.sweep import runner
+from effattn.sweep.runner import gpu_slots, measure_points, run_sweep
+from effattn.sweep.spec import Grid, Point, Settings, SweepSpec, expand, load_preset
 
 TINY = Grid(backends=("full",), seq_lens=(32,), heads=(1,), head_dim=(8,), device=("cpu",),
             threads=(1,))  # fmt: skip
@@ -77,7 +78,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def _submit(spec: SweepSpec, run_dir: Path, **options) -> None:
     pytest.importorskip("submitit", reason="submitit not installed (pip install effattn[cluster])")
-    from effattn.bench import executors
+    from effattn.sweep import executors
 
     opts = executors.SlurmOptions(
         **{"gpus_per_task": 0, "array_parallelism": 1, "time_min": 5, **options}

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from effattn import registry
-from effattn.bench.allocator import can_keep_freed_memory
-from effattn.bench.runner import run_sweep
-from effattn.bench.spec import Grid, Settings, SweepSpec, expand, load_preset
-from effattn.bench.store import RESULTS, ResultsFile
+from effattn.harness.allocator import can_keep_freed_memory
+from effattn.harness.store import RESULTS, ResultsFile
+from effattn.sweep.runner import run_sweep
+from effattn.sweep.spec import Grid, Settings, SweepSpec, expand, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Grid(backends=("full",), seq_lens=(32,), heads=(1,), head_dim=(8,), device=("cpu",),

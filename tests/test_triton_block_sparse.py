@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effattn.backend import Pattern
 from effattn.kernels import _runtime
 from effattn.kernels.block_mask import BlockMask
-from effattn.patterns import and_, causal, dense_mask
+from effattn.patterns import Pattern, and_, causal, dense_mask
 from effattn.reference import pattern_attention
 from tests.kernel_device import DEVICE, needs_kernels
 from tests.reference import reference_attention

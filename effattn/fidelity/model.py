@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from effattn.bench.spec import BackendSpec
+from effattn.registry import BackendSpec
 
 REFERENCE = "sdpa"  # transformers' own attention implementation: the exact reference
 

@@ -1,11 +1,13 @@
 """Tables and plot of a fidelity run (the sweep's table reads its CSV:
-effattn.bench.report.load_fidelity).
+effattn.sweep.report.load_fidelity), from its rows and what they were measured on (a
+FidelityRun; effattn.fidelity.runner.load_run reads one back from its run folder).
 
-- :func:`to_frame`: one row per setting (``COLUMNS``); per-layer errors as ``layer_error_<i>``;
+- :func:`to_frame`: one row per setting (``COLUMNS``: the CSV's columns, a fixed list, not every
+  field of a stored row); per-layer errors as ``layer_error_<i>``;
 - :func:`render_markdown` and :func:`write_report`: reports/fidelity-<device>.md and .csv, and
   the plot reports/plots/fidelity-<device>.png/.svg;
 - :func:`plot_fidelity`: 1 - cosine and the per-layer error against the FLOPs fraction, one curve
-  per backend over its options (a Figure; saved with effattn.bench.plots.save_figure);
+  per backend over its options (a Figure; saved with effattn.harness.figures.save_figure);
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from effattn.fidelity.measure import FidelityRow, FidelityRun
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-COLUMNS = [f.name for f in dataclasses.fields(FidelityRow) if f.name != "layer_errors"] + [
-    "layer_error_mean",
-    "layer_error_max",
-]
+COLUMNS = [
+    *("curve", "label", "backend", "causal", "status", "reason", "documents", "seq_len"),
+    *("flops_fraction", "pairs_fraction", "cosine_mean", "cosine_min"),
+    *("recall_at_1", "recall_at_1_exact", "recall_at_1_mixed", "time_s"),
+    *("layer_error_mean", "layer_error_max"),
+]  # then layer_error_0 .. layer_error_{L-1}
 CAPTION = (
     "`flops/dense`: the backend's forward FLOPs over dense attention's at N (for sparse "
     "backends, the (query, key) pairs it computes, whole blocks counted); `pairs`: the distinct "
@@ -42,10 +46,11 @@ CAPTION = (
 
 
 def to_frame(rows: Iterable[FidelityRow]) -> pd.DataFrame:
-    """One record per row, in ``COLUMNS`` order, then ``layer_error_0 .. layer_error_{L-1}``."""
+    """One record per row, in ``COLUMNS`` order, then ``layer_error_0 .. layer_error_{L-1}``
+    (a row's other fields, its key, options, host and so on, are left out)."""
     records = []
     for row in rows:
-        record = {k: v for k, v in dataclasses.asdict(row).items() if k != "layer_errors"}
+        record = {k: v for k, v in dataclasses.asdict(row).items() if k in COLUMNS}
         errors = row.layer_errors
         record["layer_error_mean"] = sum(errors) / len(errors) if errors else None
         record["layer_error_max"] = max(errors) if errors else None
@@ -149,11 +154,11 @@ def plot_fidelity(frame: pd.DataFrame) -> Figure:
     varies. Exact backends (1 - cosine about 0) are left out."""
     import matplotlib.pyplot as plt
 
-    from effattn.bench.plots import _figure
+    from effattn.harness.figures import new_figure
     from effattn.registry import backend_class, list_backends
 
     exact = {name for name in list_backends() if backend_class(name).exact}
-    fig, (left, right) = _figure(2)
+    fig, (left, right) = new_figure(2)
     ok = frame[(frame["status"] == "ok") & ~frame["backend"].isin(exact)]
     for i, (curve, rows) in enumerate(ok.groupby("curve", sort=False)):
         rows = rows.sort_values("flops_fraction")
@@ -194,7 +199,7 @@ def write_report(
 ) -> list[Path]:
     """Write PREFIX.csv, PREFIX.md and plots/<PREFIX's name>.png/.svg; returns the paths.
     ``command``: the command line that made the run, quoted in the report."""
-    from effattn.bench.plots import save_figure
+    from effattn.harness.figures import save_figure
 
     prefix, plots = Path(prefix), Path(plots)
     prefix.parent.mkdir(parents=True, exist_ok=True)

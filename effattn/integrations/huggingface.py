@@ -64,11 +64,12 @@ from torch import Tensor
 
 from effattn._validate import resolve_scale
 from effattn.backend import Backend
-from effattn.ops import keep_mask
+from effattn.ops import keep_mask, repeat_kv_heads
 from effattn.reference import pattern_probabilities
 from effattn.registry import backend_class, get_backend, list_backends
 
 PREFIX = "effattn_"  # register() names each backend effattn_<backend>
+LAYER_TAG = "_effattn_cache_layer"  # on the keys an EffattnCache layer hands over: that layer
 
 # Call arguments that some transformers models pass and effattn cannot honour.
 _UNSUPPORTED_KWARGS = {
@@ -121,6 +122,34 @@ def register(
     for entry_name, instance in entries:
         _register_one(entry_name, instance)
     return [entry_name for entry_name, _ in entries]
+
+
+def decoding_cache(model: Any) -> Any:
+    """A cache for ``model.generate(past_key_values=...)`` that decodes with effattn states:
+    :class:`EffattnCache` for a decoder-only model; for an encoder-decoder,
+    ``EncoderDecoderCache(EffattnCache(model), DynamicCache())`` (the encoder's keys and values
+    for cross-attention are computed once and kept whole, as transformers does). The model must
+    run an effattn attention implementation (see the module docstring). One cache per
+    generate() call."""
+    _require_transformers()
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    from effattn.integrations.huggingface_cache import EffattnCache
+
+    cache = EffattnCache(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return EncoderDecoderCache(cache, DynamicCache())
+    return cache
+
+
+def __getattr__(name: str) -> Any:
+    """``EffattnCache`` is imported on first use: it needs transformers."""
+    if name == "EffattnCache":
+        _require_transformers()
+        from effattn.integrations.huggingface_cache import EffattnCache
+
+        return EffattnCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def registered_backend(name: str) -> Backend:
@@ -260,18 +289,23 @@ def attention_forward(
 
     Args:
         module: the calling attention layer (its ``is_causal`` is read when no mask says).
-        query: (B, H, Nq, D). key, value: (B, Hkv, Nk, D) with H a multiple of Hkv.
+        query: (B, H, Nq, D). key, value: (B, Hkv, Nk, D) with H a multiple of Hkv, passed to
+            the backend as they are (grouped-query attention); from an :class:`EffattnCache`
+            layer that decodes, only the Nq new keys and values (B, Hkv, Nq, D).
         attention_mask: None, the (B, Nk) bool key padding mask made by
-            :func:`key_padding_mask_interface`, or a 4-D mask (see the module docstring).
+            :func:`key_padding_mask_interface`, or a 4-D mask (see the module docstring); Nk
+            counts every cached key, also when only the new ones are passed.
         backend: the effattn backend.
         dropout: attention dropout probability; not applied (warns when > 0).
         scaling: softmax scale; 1/sqrt(D) when None.
-        is_causal: overrides ``module.is_causal`` when given (ignored with a 4-D mask).
+        is_causal: overrides ``module.is_causal`` when given.
 
     Returns:
         (attn_output (B, Nq, H, D), attn_weights (B, H, Nq, Nk) or None).
     """
-    _refuse_unsupported(kwargs, key.shape[2])
+    layer = _decoding_layer(key)
+    kv_len = key.shape[2] if layer is None else layer.seen
+    _refuse_unsupported(kwargs, kv_len)
     if dropout > 0:
         warnings.warn(
             f"effattn backend {backend.name!r}: attention dropout={dropout} is not applied "
@@ -279,22 +313,73 @@ def attention_forward(
             "0 to silence this",
             stacklevel=2,
         )
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
+    batch, _, q_len, _ = query.shape
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if attention_mask is not None and attention_mask.dim() == 4:
-        causal, padding = causal_and_padding_from_4d(attention_mask, q_len, kv_len)
+        causal, padding = causal_and_padding_from_4d(attention_mask, q_len, kv_len, prefer=causal)
     else:
         padding = _padding_from_2d(attention_mask, batch, kv_len)
-        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
-
-    out = backend(query, key, value, causal=causal, key_padding_mask=padding, scale=scaling)
+    if layer is not None:
+        out = _decode(layer, query, key, value, causal, padding, scaling, kwargs)
+    else:
+        out = backend(query, key, value, causal=causal, key_padding_mask=padding, scale=scaling)
     weights = None
     if kwargs.get("output_attentions", False):
-        pattern = backend.pattern(query, key, value, causal=causal, key_padding_mask=padding)
-        scale = resolve_scale(scaling, query.shape[-1])
-        weights = pattern_probabilities(query, key, pattern, scale).to(query.dtype)
+        weights = attention_weights(backend, query, key, value, causal, padding, scaling)
     return out.transpose(1, 2).contiguous(), weights  # (B, H, Nq, D) -> (B, Nq, H, D)
+
+
+def _decoding_layer(key: Tensor) -> Any:
+    """The EffattnCache layer that tagged ``key`` in its update (the tag is removed), or None."""
+    layer = getattr(key, LAYER_TAG, None)
+    if layer is not None:
+        delattr(key, LAYER_TAG)
+    return layer
+
+
+def _decode(
+    layer: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    causal: bool,
+    padding: Tensor | None,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> Tensor:
+    """The new queries' outputs (B, H, Nq, D) from the layer's decoding state; padding: the
+    (B, Nk) key padding of every position, of which the state takes the new keys'."""
+    if not causal:
+        raise ValueError(
+            "is_causal: an EffattnCache layer decodes causal self-attention, got a call that is "
+            "not causal (a cross-attention belongs in EncoderDecoderCache's cross-attention "
+            "cache: see effattn.integrations.huggingface.decoding_cache)"
+        )
+    if kwargs.get("output_attentions", False):
+        raise ValueError(
+            "output_attentions: an effattn decoding state keeps no full key matrix to weigh; "
+            "generate with transformers' DynamicCache for attention weights"
+        )
+    new = None if padding is None else padding[:, -key.shape[2] :]  # (B, Nk) -> (B, Nq)
+    return layer.attend(query, key, value, new, scaling)
+
+
+def attention_weights(
+    backend: Backend,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    causal: bool,
+    padding: Tensor | None,
+    scaling: float | None,
+) -> Tensor:
+    """The backend's own probabilities (B, H, Nq, Nk), computed densely from its ``pattern()``;
+    query: (B, H, Nq, D), key, value: (B, Hkv, Nk, D), repeated to the H query heads here."""
+    heads = query.shape[1]
+    key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
+    pattern = backend.pattern(query, key, value, causal=causal, key_padding_mask=padding)
+    scale = resolve_scale(scaling, query.shape[-1])
+    return pattern_probabilities(query, key, pattern, scale).to(query.dtype)
 
 
 def _refuse_unsupported(kwargs: dict[str, Any], kv_len: int) -> None:
@@ -311,22 +396,6 @@ def _refuse_unsupported(kwargs: dict[str, Any], kv_len: int) -> None:
         )
 
 
-def repeat_kv_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, Hkv, N, D) -> (B, heads, N, D) for grouped-query attention: query head h reads key
-    head h // (heads / Hkv), as transformers' repeat_kv does. Returns ``t`` when Hkv == heads."""
-    batch, kv_heads, length, dim = t.shape
-    if kv_heads == heads:
-        return t
-    if heads % kv_heads:
-        raise ValueError(
-            f"key, value: expected a number of heads that divides the query heads ({heads}), "
-            f"got {kv_heads}"
-        )
-    groups = heads // kv_heads
-    expanded = t[:, :, None].expand(batch, kv_heads, groups, length, dim)  # (B, Hkv, G, N, D)
-    return expanded.reshape(batch, heads, length, dim)  # (B, Hkv, G, N, D) -> (B, H, N, D)
-
-
 def _padding_from_2d(mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
     """A (B, Nk) key padding mask (bool or 0/1, True = keep) -> bool, or None if it keeps all."""
     if mask is None:
@@ -340,14 +409,18 @@ def _padding_from_2d(mask: Tensor | None, batch: int, kv_len: int) -> Tensor | N
     return None if bool(keep.all()) else keep
 
 
-def causal_and_padding_from_4d(mask: Tensor, q_len: int, kv_len: int) -> tuple[bool, Tensor | None]:
+def causal_and_padding_from_4d(
+    mask: Tensor, q_len: int, kv_len: int, *, prefer: bool = True
+) -> tuple[bool, Tensor | None]:
     """Read a transformers 4-D mask as (causal, key padding mask (B, Nk) bool or None).
 
     mask: (B or 1, 1 or H, Nq or 1, >= Nk), bool (True = keep) or float (0 = keep, at most
     finfo.min / 2 or -inf = masked); only its first Nk keys count, as in transformers' SDPA path.
     The last query's row keeps exactly the unpadded keys under bottom-right causality, so it is
     the candidate padding; the mask must equal causal & padding, or padding alone, except on rows
-    that keep no key (which may be all-True). Anything else raises a ValueError.
+    that keep no key (which may be all-True). Anything else raises a ValueError. Where both
+    readings fit (one query: causal and not are the same), ``prefer`` (the layer's is_causal)
+    decides, so that a cross-attention call stays non-causal.
     """
     if mask.shape[-1] < kv_len or mask.shape[-2] not in (1, q_len):
         raise ValueError(
@@ -358,10 +431,10 @@ def causal_and_padding_from_4d(mask: Tensor, q_len: int, kv_len: int) -> tuple[b
     batch = keep.shape[0]
     padding = keep[:, 0, -1, :]  # (B, 1, Nq, Nk) -> (B, Nk): the last query's row
     padding_or_none = None if bool(padding.all()) else padding
-    if keep.shape[2] == 1:
-        return False, padding_or_none
+    if keep.shape[2] == 1:  # one row for every query: padding alone
+        return prefer and q_len == 1, padding_or_none
     rows = keep[:, 0]  # (B, 1, Nq, Nk) -> (B, Nq, Nk)
-    for causal in (True, False):
+    for causal in (prefer, not prefer):
         expected = keep_mask(
             batch, q_len, kv_len, causal=causal, key_padding_mask=padding, device=mask.device
         )[:, 0].expand_as(rows)  # (B, 1, Nq or 1, Nk) -> (B, Nq, Nk)
@@ -422,9 +495,10 @@ def key_padding_mask_interface(
         kv_length: Nk, the number of keys the attention call will see.
         kv_offset: absolute position of the first of them.
         mask_function: the model's pattern predicate (causal, or causal with a window, chunks,
-            packed sequences, overlays; bidirectional for encoders in 5.x); it must equal plain
-            causal or keep every key on the first and last query's rows (checked in O(B * Nk)),
-            else a ValueError names what to change.
+            packed sequences, overlays; bidirectional for encoders and cross-attention in 5.x);
+            it must equal plain causal or keep every key on the first and last query's rows
+            (checked in O(B * Nk)), else a ValueError names what to change. Unless it keeps
+            every key, the last query must sit at the last key's position (a dynamic cache).
         attention_mask: None or the (B, >= kv_offset + Nk) bool padding mask (True = keep).
         q_length, q_offset: Nq and the absolute position of the first query (transformers 5.x).
     """
@@ -437,15 +511,19 @@ def key_padding_mask_interface(
         raise ValueError(
             "key_padding_mask_interface: expected cache_position or q_length, got neither"
         )
-    if last - kv_offset != kv_length - 1 or last - first != q_len - 1:
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
+    every_key = False
+    if mask_function is not None:
+        every_key = _check_plain_pattern(
+            mask_function, batch_size, (first, last), kv_length, kv_offset, device
+        )
+    aligned = last - kv_offset == kv_length - 1 and last - first == q_len - 1
+    if not (aligned or every_key):
         raise ValueError(
             "cache_position: effattn backends align the last query with the last key, got "
             f"queries at positions {first}..{last} over {kv_length} keys from position "
             f"{kv_offset} (a static or pre-allocated cache); use the default dynamic cache"
         )
-    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
-    if mask_function is not None:
-        _check_plain_pattern(mask_function, batch_size, (first, last), kv_length, kv_offset, device)
     if attention_mask is None:
         return None
     padding = _keys_of(attention_mask, kv_length, kv_offset)  # (B, Nk)
@@ -469,12 +547,13 @@ def _check_plain_pattern(
     kv_length: int,
     kv_offset: int,
     device: torch.device | str,
-) -> None:
+) -> bool:
     """Raise unless ``mask_function`` keeps exactly the causal keys, or every key (an encoder's
-    bidirectional mask, transformers 5.x), on the rows of the first and last query (absolute
-    positions ``rows``). A sliding window, chunks or packed sequences all drop keys from the
-    last row. Evaluates the predicate on those rows only: O(B * Nk). Causal or not, the call
-    itself then follows the layer's ``is_causal``."""
+    or a cross-attention's bidirectional mask, transformers 5.x), on the rows of the first and
+    last query (absolute positions ``rows``); returns True for every key. A sliding window,
+    chunks or packed sequences all drop keys from the last row. Evaluates the predicate on
+    those rows only: O(B * Nk). Causal or not, the call itself then follows the layer's
+    ``is_causal``."""
     kv_idx = torch.arange(kv_offset, kv_offset + kv_length, device=device)  # (Nk,)
     kv_idx = kv_idx.expand(batch_size, -1)  # (Nk,) -> (B, Nk)
     batch_idx = torch.arange(batch_size, device=device)[:, None].expand_as(kv_idx)  # (B, Nk)
@@ -482,8 +561,9 @@ def _check_plain_pattern(
         mask_function(batch_idx, torch.zeros_like(kv_idx), torch.full_like(kv_idx, row), kv_idx)
         for row in rows
     ]  # (B, Nk) bool per row
+    every_key = all(bool(keep.all()) for keep in got)
     causal = all(bool((keep == (kv_idx <= row)).all()) for keep, row in zip(got, rows, strict=True))
-    if not (causal or all(bool(keep.all()) for keep in got)):
+    if not (causal or every_key):
         raise ValueError(
             "attention_mask: effattn backends take causality and key padding only, but the "
             "model asks for another pattern (a sliding window, chunked attention, packed "
@@ -491,3 +571,4 @@ def _check_plain_pattern(
             "batch row (padding via attention_mask) and set the model's sliding_window / "
             "attention_chunk_size to None"
         )
+    return every_key

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from effattn.argtypes import non_negative_int, positive_float, positive_int
+from effattn.harness.store import RUNS_DIR
 
-DEFAULT_OUT = Path("reports") / "runs"
+HELP = "each backend's accuracy on trained tasks, and speed"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, metavar="T", help="CPU threads, pinned")
     parser.add_argument("--time-limit", type=positive_float, metavar="S", help="s per point")
     parser.add_argument("--mem-limit", type=positive_int, metavar="MIB", help="MiB per point")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of run folders")
+    parser.add_argument("--out", type=Path, default=RUNS_DIR, help="folder of run folders")
     parser.add_argument("--run-id", help="default: PRESET-cpu, plus a spec hash if overridden")
     parser.add_argument(
         "--fresh", action="store_true", help="set earlier results of this run id aside first"
@@ -113,7 +114,8 @@ def _spec(args: argparse.Namespace) -> tuple[Any, bool]:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the quality spec; then the summary table, report and plots asked for."""
-    from effattn.bench.report import read_runs
+    from effattn.harness.store import read_runs
+    from effattn.harness.table import render
     from effattn.quality import report, runner
     from effattn.quality.spec import expand
 
@@ -140,5 +142,5 @@ def run(args: argparse.Namespace) -> int:
         for path in plots.write_plots(frame, args.plots, prefix):
             print(f"wrote {path}", file=sys.stderr)
     if not args.quiet:
-        print(report.summary_table(report.summarize(frame)).to_markdown(index=False))
+        print(render(report.summary_table(report.summarize(frame)), "md"))
     return 0

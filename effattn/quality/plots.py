@@ -1,5 +1,5 @@
 """Plots of a quality run (matplotlib, imported only here; Agg backend). Each ``plot_*``
-returns a Figure; effattn.bench.plots.save_figure writes it; :func:`write_plots` makes them all.
+returns a Figure; effattn.harness.figures.save_figure writes it; :func:`write_plots` makes them all.
 
 - plot_bubbles: LRA's Figure 3 for one task: x training steps/s, y test accuracy, bubble area
   proportional to peak memory, one labelled bubble per backend (a panel per N);
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from effattn.bench.plots import save_figure
+from effattn.harness.figures import save_figure
 from effattn.quality.report import summarize
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from effattn.bench.report import fmt_number
-from effattn.bench.store import ENV
+from effattn.harness.store import ENV
+from effattn.harness.table import fmt_number, render
 from effattn.registry import backend_class
 
 # Long Range Arena (Tay et al. 2020), Table 1, ListOps accuracy (%), for backends with a row
@@ -385,7 +385,7 @@ def render_markdown(frame: pd.DataFrame, notes: str | None = None) -> str:
         "LRA Table 1's ListOps number where the backend has a row there (their models: 4-6 "
         "layers, 5K steps, N up to 2K; ours are far smaller, so compare orders, not values).",
         "",
-        summary_table(table).to_markdown(index=False),
+        render(summary_table(table), "md"),
         "",
     ]
     if notes:
@@ -396,7 +396,7 @@ def render_markdown(frame: pd.DataFrame, notes: str | None = None) -> str:
     )
     for (task, n), part in groups:
         out += [f"## {task}, N = {n}", ""]
-        out += [detail_table(part).to_markdown(index=False), ""]
+        out += [render(detail_table(part), "md"), ""]
         out += [f"- {line}" for line in explain(part)]
         notes_failed = part[part["reasons"] != ""]
         out += [
@@ -424,7 +424,7 @@ def write_report(frame: pd.DataFrame, prefix: Path, notes: str | None = None) ->
     md.write_text(render_markdown(frame, notes))
     table = summarize(frame)
     table["lra_listops"] = [LRA_LISTOPS.get(b, (None, None))[1] for b in table["backend"]]
-    table.to_csv(csv, index=False)
+    csv.write_text(render(table, "csv"))
     return [md, csv]
 
 

@@ -8,11 +8,11 @@ For each point, in the order of effattn.quality.spec.expand:
   row appended (readers keep the last row of a key);
 - the backend declares it cannot run the point  -> row ``unsupported`` (no worker started);
 - otherwise a worker (effattn.quality.train.worker_main, started through
-  effattn.bench.runner.RunningWorker.start_target) trains it under the time limit and memory cap
+  effattn.harness.worker.RunningWorker.start_target) trains it under the time limit and memory cap
   of ``settings``; an exception becomes ``oom`` or ``crashed``, a worker that dies ``crashed``
   (or ``oom`` for a SIGKILL we did not send), one that runs out of time ``timeout``.
 
-Only this driver writes rows, each one atomic append (effattn.bench.store.ResultsFile): a
+Only this driver writes rows, each one atomic append (effattn.harness.store.ResultsFile): a
 driver killed at any moment (kill -9 included) loses at most the point in training, which the
 same command trains again, with no duplicate row. A worker left behind by a killed driver
 notices that its forkserver is gone and stops at its next step.
@@ -29,16 +29,18 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, TextIO
 
-from effattn.bench.runner import WORKER_LOG, Progress, RunningWorker, archive_results
-from effattn.bench.store import (
+from effattn.harness.allocator import can_keep_freed_memory
+from effattn.harness.machine import busy_warning, environment
+from effattn.harness.progress import Progress
+from effattn.harness.store import (
     RESULTS,
     ResultsFile,
-    busy_warning,
-    environment,
+    archive_results,
     finish_env,
     make_row,
     write_env,
 )
+from effattn.harness.worker import WORKER_LOG, RunningWorker
 from effattn.quality.spec import QualityPoint, QualitySpec, expand
 from effattn.quality.train import worker_main
 from effattn.registry import get_backend
@@ -128,6 +130,7 @@ def run_quality(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = environment((p.train.threads for p in points), dataclasses.asdict(spec))
+    env["freed_memory_kept"] = can_keep_freed_memory()  # each worker keeps it (train.worker_main)
     write_env(run_dir, env)
     results = ResultsFile(run_dir / RESULTS)
     last = {row["key"]: row["status"] for row in results.read()}  # the last row of a key
@@ -184,6 +187,6 @@ def _train_in_worker(point: QualityPoint, spec: QualitySpec, log: Path) -> Quali
 
 
 def prepare_run_dir(run_dir: Path, fresh: bool, stream: TextIO | None = None) -> None:
-    """``--fresh``: set the run's earlier results aside (effattn.bench.runner.archive_results)."""
+    """``--fresh``: set the run's earlier results aside (effattn.harness.store.archive_results)."""
     if fresh and (old := archive_results(run_dir)) is not None:
         (sys.stderr if stream is None else stream).write(f"earlier results set aside: {old}\n")

@@ -1,7 +1,7 @@
 """Quality specs: preset files and command-line overrides -> a list of training points.
 
-A preset is a TOML file (benchmarks/quality/<name>.toml), in the style of the sweep's presets
-(effattn.bench.spec)::
+A preset is a TOML file (effattn/quality/presets/<name>.toml, package data), in the style of the
+sweep's presets::
 
     [settings]                 # budgets of each point's worker
     time_limit_s = 600
@@ -33,21 +33,15 @@ import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from effattn.bench.spec import (
-    BackendSpec,
-    find_preset,
-    parse_backend_spec,
-    presets_in,
-    tuple_of,
-)
+from effattn.harness.presets import find_preset, presets_in, tuple_of
 from effattn.quality.model import ModelConfig
 from effattn.quality.tasks import make_task, task_class
-from effattn.registry import backend_class
+from effattn.registry import BackendSpec, backend_class, parse_backend_spec
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "quality"
 DEFAULT_PRESET = "quality"
 
 
@@ -157,12 +151,12 @@ class QualityPoint:
 
 # -- presets ---------------------------------------------------------------------------------
 def preset_names() -> list[str]:
-    return presets_in(PRESET_DIR)
+    return presets_in("effattn.quality")
 
 
-def preset_path(name: str) -> Path:
+def preset_path(name: str) -> Traversable:
     """A quality preset name (``quality``) or a path to a TOML file."""
-    return find_preset(name, PRESET_DIR)
+    return find_preset(name, "effattn.quality")
 
 
 def _table(path: Path, section: str, raw: Any, cls: type) -> Any:

@@ -10,7 +10,7 @@ budget: nothing is chosen by validation or test accuracy.
 
 Speed and memory of the same run: the time of each training step (forward, backward, optimizer
 step; data generation not included), reported as steps per second (1 / median step time), and
-the peak memory of one more training step after the test (effattn.bench.meters).
+the peak memory of one more training step after the test (effattn.harness.meters).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from effattn.bench import meters
-from effattn.bench.meters import MIB
-from effattn.bench.worker import MemoryCap, failure, redirect_output
+from effattn.harness import meters
+from effattn.harness.allocator import keep_freed_memory
+from effattn.harness.meters import MIB
+from effattn.harness.worker import MemoryCap, failure, redirect_output
 from effattn.quality.model import QualityModel
 from effattn.quality.spec import QualityPoint
 from effattn.quality.tasks import IGNORE, Batch, Task, make_task, stream_rng
@@ -226,12 +227,15 @@ def _iqr(values: list[float]) -> float:
 def worker_main(
     conn: Connection, point: QualityPoint, mem_limit_mib: int, log: Path | None = None
 ) -> None:
-    """Process target (effattn.bench.runner.RunningWorker.start_target): train ``point`` under
+    """Process target (effattn.harness.worker.RunningWorker.start_target): train ``point`` under
     a memory cap and send one dict ``{"status", "reason", **fields}``. stdout and stderr go to
-    ``log``. A worker whose parent (the forkserver, which ends with the driver) is gone stops
-    at its next step instead of training for nobody."""
+    ``log``. The worker keeps freed memory for the next step, as the sweep's workers do
+    (effattn.harness.allocator), so that steps/s counts no page faults. A worker whose parent
+    (the forkserver, which ends with the driver) is gone stops at its next step instead of
+    training for nobody."""
     redirect_output(log, point.describe())
     parent = os.getppid()
+    keep_freed_memory()
     torch.set_num_threads(point.train.threads)
     torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before the cap
     try:

@@ -28,7 +28,9 @@ from torch import Tensor
 from effattn._validate import check_int_option
 from effattn.backend import Backend
 from effattn.backends.kernelized.features import elu_features
-from effattn.backends.kernelized.product import kernel_attention, kernel_flops, kernel_matrix
+from effattn.backends.kernelized.product import FeatureMaps, kernel_flops, kernel_matrix
+from effattn.backends.kernelized.state import KernelState
+from effattn.decoding import StateShape
 from effattn.registry import register_backend
 
 
@@ -43,6 +45,7 @@ class LinearAttention(Backend):
     complexity = "O(N)"
     memory_complexity = "O(N)"
     tay_class = "KR"
+    state_complexity = "O(1)"
     has_pattern = False
     description = "linear attention, phi(x) = elu(x) + 1: phi(Q)(phi(K)^T V); scale unused"
 
@@ -59,20 +62,21 @@ class LinearAttention(Backend):
         key_padding_mask: Tensor | None,
         scale: float,
     ) -> Tensor:
-        dtype, wide = q.dtype, q.dtype if q.element_size() >= 4 else torch.float32
-        out = kernel_attention(
-            q.to(wide),
-            k.to(wide),
-            v.to(wide),
-            query_map=elu_features,
-            key_map=elu_features,
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            chunk=self.chunk_size,
-            log_keys=False,
-            width=q.shape[-1],
+        maps = self.feature_maps(q.shape[-1], q.dtype)
+        return maps.attention(
+            q, k, v, key_padding_mask=key_padding_mask, causal=causal, chunk=self.chunk_size
         )
-        return out.to(dtype)
+
+    def feature_maps(self, head_dim: int, dtype: torch.dtype) -> FeatureMaps:
+        """elu(x) + 1 for queries and keys (D features), in float32 for half dtypes."""
+        wide = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+        return FeatureMaps(elu_features, elu_features, log_keys=False, width=head_dim, wide=wide)
+
+    def decode_state(self, shape: StateShape) -> KernelState:
+        """The running sums of the causal product (effattn.backends.kernelized.state)."""
+        return KernelState(
+            self, shape, self.feature_maps(shape.head_dim, shape.dtype), self.chunk_size
+        )
 
     def attention_matrix(
         self,

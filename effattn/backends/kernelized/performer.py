@@ -40,7 +40,9 @@ from effattn.backends.kernelized.features import (
     favor_query_features,
     random_features,
 )
-from effattn.backends.kernelized.product import kernel_attention, kernel_flops, kernel_matrix
+from effattn.backends.kernelized.product import FeatureMaps, kernel_flops, kernel_matrix
+from effattn.backends.kernelized.state import KernelState
+from effattn.decoding import StateShape
 from effattn.registry import register_backend
 
 
@@ -58,6 +60,7 @@ class PerformerAttention(Backend):
     complexity = "O(N)"
     memory_complexity = "O(N*m)"
     tay_class = "KR"
+    state_complexity = "O(1)"
     has_pattern = False
     description = "Performer FAVOR+: positive orthogonal random features, phi(Q)(phi(K)^T V)"
 
@@ -89,22 +92,30 @@ class PerformerAttention(Backend):
         key_padding_mask: Tensor | None,
         scale: float,
     ) -> Tensor:
-        dtype, wide = q.dtype, q.dtype if q.element_size() >= 4 else torch.float32
-        w = self.features(q.shape[-1], wide, q.device)  # (m, D)
-        q, k, v = q.to(wide), k.to(wide), v.to(wide)
-        out = kernel_attention(
-            q,
-            k,
-            v,
+        maps = self.feature_maps(q.shape[-1], q.dtype, q.device, scale)
+        return maps.attention(
+            q, k, v, key_padding_mask=key_padding_mask, causal=causal, chunk=self.chunk_size
+        )
+
+    def feature_maps(
+        self, head_dim: int, dtype: torch.dtype, device: torch.device, scale: float
+    ) -> FeatureMaps:
+        """FAVOR+'s query features and key logarithms with this backend's random features,
+        computed in float32 for half dtypes."""
+        wide = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
+        w = self.features(head_dim, wide, device)  # (m, D)
+        return FeatureMaps(
             query_map=lambda x: favor_query_features(x, w, scale),
             key_map=lambda x, keep: favor_key_logits(x, w, scale, keep),
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            chunk=self.chunk_size,
             log_keys=True,
             width=self.num_features,
+            wide=wide,
         )
-        return out.to(dtype)
+
+    def decode_state(self, shape: StateShape) -> KernelState:
+        """The running sums of the causal product (effattn.backends.kernelized.state)."""
+        maps = self.feature_maps(shape.head_dim, shape.dtype, shape.device, shape.scale)
+        return KernelState(self, shape, maps, self.chunk_size)
 
     def attention_matrix(
         self,

@@ -27,6 +27,7 @@ one stabiliser: a constant factor, which cancels).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def _finite(ref: Tensor) -> Tensor:
     return torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
 
 
-class _KeyState:
+class KeyState:
     """The running sums over the keys passed: phi(k_j) v_j (B, H, m, D) and phi(k_j)
     (B, H, m, 1), and, for logarithmic features, the stabiliser they are expressed against
     (B, H, 1, 1). (The weight sums are kept apart rather than as a column of ones after v:
@@ -107,22 +108,22 @@ def kernel_attention(
     chunk: int,
     log_keys: bool,
     width: int,
+    state: KeyState | None = None,
 ) -> Tensor:
     """The normalised product of the module docstring. q: (B, H, Nq, D), k, v: (B, H, Nk, D),
     key_padding_mask (B, Nk) or None; returns (B, H, Nq, D). Causal is bottom-right aligned.
 
     query_map gives positive query features (any factor per query cancels); key_map gives key
     features for keys and their keep mask: positive with 0 for masked keys, or with
-    ``log_keys`` their logarithms with -inf for masked keys; ``width`` is their number m."""
+    ``log_keys`` their logarithms with -inf for masked keys; ``width`` is their number m.
+
+    ``state``: the sums of earlier keys to go on from (decoding: causal, Nq == Nk, the queries
+    and keys are the positions after those summed); it is updated in place with these keys."""
     b, h, q_len, d = q.shape
     kv_len = k.shape[2]
-    state = _KeyState(log_keys)
+    state = KeyState(log_keys) if state is None else state
     stream = max(STEP_FEATURES // width, 1)  # positions per step
     out = q.new_empty(b, h, q_len, d)  # written a chunk at a time
-
-    def add_keys(start: int, stop: int) -> None:
-        keep = None if key_padding_mask is None else key_padding_mask[:, start:stop]
-        state.add(state.features(key_map(k[:, :, start:stop], keep)), v[:, :, start:stop])
 
     def causal_step(qs: Tensor, ks: Tensor, vs: Tensor, keep: Tensor | None) -> Tensor:
         """One step of aligned queries and keys (B, H, L, D) -> (B, H, L, D), in chunks."""
@@ -148,8 +149,7 @@ def kernel_attention(
         return out[:, :, :length]
 
     if not causal:
-        for start in range(0, kv_len, stream):
-            add_keys(start, min(start + stream, kv_len))
+        add_key_sums(state, k, v, key_map, key_padding_mask, width)
         for start in range(0, q_len, stream):
             fq = query_map(q[:, :, start : start + stream])  # (B, H, c, m)
             out[:, :, start : start + stream] = _normalise(*state.read(fq))
@@ -157,8 +157,9 @@ def kernel_attention(
 
     first_query = max(q_len - kv_len, 0)  # queries before it keep no key
     shared = max(kv_len - q_len, 0)  # keys before it are kept by every query
-    for start in range(0, shared, stream):
-        add_keys(start, min(start + stream, shared))
+    if shared:
+        keep = None if key_padding_mask is None else key_padding_mask[:, :shared]
+        add_key_sums(state, k[:, :, :shared], v[:, :, :shared], key_map, keep, width)
     out[:, :, :first_query] = 0.0
     span = max(stream // chunk, 1) * chunk  # positions per step: whole chunks
     for start in range(0, q_len - first_query, span):
@@ -168,6 +169,62 @@ def kernel_attention(
         keep = None if key_padding_mask is None else key_padding_mask[:, keys]
         out[:, :, rows] = causal_step(q[:, :, rows], k[:, :, keys], v[:, :, keys], keep)
     return out
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """How a kernelized backend turns queries and keys into features."""
+
+    query_map: QueryMap  # (B, H, c, D) -> (B, H, c, m), positive
+    key_map: KeyMap  # (B, H, c, D), keep (B, c) -> (B, H, c, m): positive, or logarithms
+    log_keys: bool  # key_map gives logarithms (FAVOR+)
+    width: int  # m, features per head
+    wide: torch.dtype  # the dtype of the computation (float32 for half inputs)
+
+    def attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        causal: bool,
+        chunk: int,
+        state: KeyState | None = None,
+    ) -> Tensor:
+        """:func:`kernel_attention` with these maps, computed in ``wide``; (B, H, Nq, D) in
+        q's dtype."""
+        out = kernel_attention(
+            q.to(self.wide),
+            k.to(self.wide),
+            v.to(self.wide),
+            query_map=self.query_map,
+            key_map=self.key_map,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            chunk=chunk,
+            log_keys=self.log_keys,
+            width=self.width,
+            state=state,
+        )
+        return out.to(q.dtype)
+
+
+def add_key_sums(
+    state: KeyState,
+    k: Tensor,
+    v: Tensor,
+    key_map: KeyMap,
+    key_padding_mask: Tensor | None,
+    width: int,
+) -> None:
+    """Sum the features of keys k (B, H, N, D) times values v, and the features, into
+    ``state``, a step of positions at a time (no (N, m) feature tensor)."""
+    stream = max(STEP_FEATURES // width, 1)
+    for start in range(0, k.shape[2], stream):
+        keys = slice(start, start + stream)
+        keep = None if key_padding_mask is None else key_padding_mask[:, keys]
+        state.add(state.features(key_map(k[:, :, keys], keep)), v[:, :, keys])
 
 
 def _pad_to_chunks(

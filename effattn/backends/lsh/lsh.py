@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effattn._validate import check_int_option, validate_key_padding_mask, validate_qkv
-from effattn.backend import Backend, Pattern
+from effattn.backend import Backend
 from effattn.backends.lsh.hashing import (
     ChunkLayout,
     chunk_count,
@@ -47,6 +47,7 @@ from effattn.backends.lsh.hashing import (
 )
 from effattn.backends.lsh.rounds import SELF_ATTENTION_BIAS, Rounds, lsh_attention
 from effattn.ops import attention_flops, keep_mask
+from effattn.patterns import Pattern
 from effattn.registry import register_backend
 
 __all__ = ["SELF_ATTENTION_BIAS", "LSHAttention"]
@@ -68,6 +69,10 @@ class LSHAttention(Backend):
     complexity = "O(N log N)"
     memory_complexity = "O(n_hashes*N*bucket_size)"
     tay_class = "LP"
+    decode_refusal = (
+        "not implemented yet (a new query would attend within its buckets over cached keys "
+        "kept with their bucket ids)"
+    )
     description = "Reformer LSH attention: hash, sort, attend within chunks, n_hashes rounds"
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effattn.backend import Backend, Pattern, predicate_pattern
+from effattn.backend import Backend, predicate_pattern
 from effattn.backends.sparse.blocked import (
     block_bias,
     gathered_attention,
@@ -46,7 +46,7 @@ from effattn.backends.sparse.dispatch import (
     uses_triton,
 )
 from effattn.ops import attention_flops, cached
-from effattn.patterns import Predicate, block_table
+from effattn.patterns import Pattern, Predicate, block_table
 from effattn.registry import register_backend
 
 

@@ -15,9 +15,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from effattn.backend import Pattern, predicate_pattern
+from effattn.backend import predicate_pattern
 from effattn.ops import cached
-from effattn.patterns import Predicate
+from effattn.patterns import Pattern, Predicate
 
 Impl = Literal["auto", "torch", "triton"]
 

@@ -18,6 +18,9 @@ strided view of k and v (padded by the window at the two ends: one copy), masked
 edges, in one batched call of torch's fused attention (effattn.backends.sparse.blocked). With
 global tokens each block's keys are its span plus the global keys (gathered: a copy) and the
 global rows are computed densely, O(g * Nk). Masks are built once per (options, Nq, Nk) and cached.
+
+Decodes with a ring of the last ``window`` keys (effattn.backends.sparse.window_state), constant in
+N; not with global tokens or LRA's blocks (see ``decode_state``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from effattn.backends.sparse.dispatch import (
     triton_sparse_attention,
     uses_triton,
 )
+from effattn.backends.sparse.window_state import WindowState
+from effattn.decoding import StateShape
 from effattn.ops import attention_flops
 from effattn.patterns import Predicate, and_, blocked, global_tokens, or_, sliding_window
 from effattn.patterns import causal as causal_pattern
@@ -67,6 +72,7 @@ class LocalAttention(SparseImplMixin, Backend):
     complexity = "O(N*(k+m))"
     memory_complexity = "O(N*(k+m))"
     tay_class = "FP"
+    state_complexity = "O(w)"
     description = "exact sliding window |i-j|<=w (+ global tokens, or LRA blocks), blocked views"
 
     def __post_init__(self) -> None:
@@ -138,6 +144,22 @@ class LocalAttention(SparseImplMixin, Backend):
             scale=scale,
             cache_key=(self, q_len, kv_len, causal, b),
         )
+
+    def decode_state(self, shape: StateShape) -> WindowState:
+        """A ring of the last ``window`` keys; refused with global tokens (a global query
+        attends to every key before it, so its state would grow with N) and with LRA's blocks
+        (aligned to absolute positions, which the ring does not keep)."""
+        if self.num_global:
+            raise ValueError(
+                f"backend 'local' cannot decode with num_global={self.num_global}: a global "
+                "token attends to every key, so no window ring holds what it needs"
+            )
+        if self.blocked:
+            raise ValueError(
+                "backend 'local' cannot decode with blocked=True: LRA's blocks are aligned to "
+                "absolute positions, which a window ring does not keep"
+            )
+        return WindowState(self, shape, self.window)
 
     def flops(
         self,

@@ -58,6 +58,9 @@ class StridedAttention(SparseImplMixin, Backend):
     complexity = "O(N*sqrt(N))"
     memory_complexity = "O(N*sqrt(N))"
     tay_class = "FP"
+    decode_refusal = (
+        "not implemented yet (its state would be a window ring plus every stride-th key)"
+    )
     description = "Sparse Transformer: band |i-j|<=w plus every stride-th key (w, s ~ sqrt(N))"
 
     def __post_init__(self) -> None:

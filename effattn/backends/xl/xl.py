@@ -30,7 +30,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from effattn.backend import Backend, Pattern, predicate_pattern
+from effattn.backend import Backend, predicate_pattern
 from effattn.backends.xl.relative import (
     RelativePosition,
     dense_relative_bias,
@@ -40,7 +40,7 @@ from effattn.backends.xl.relative import (
     segment_pattern,
 )
 from effattn.ops import attention_flops, cached
-from effattn.patterns import Predicate
+from effattn.patterns import Pattern, Predicate
 from effattn.registry import register_backend
 
 
@@ -59,6 +59,7 @@ class TransformerXLAttention(Backend):
     complexity = "O(N*(S+M))"
     memory_complexity = "O(N*(S+M))"
     tay_class = "RC"
+    decode_refusal = "not implemented yet (its state would be the memory and the current segment)"
     description = "Transformer-XL: segments with memory, relative positions (shift trick)"
 
     def __post_init__(self) -> None:

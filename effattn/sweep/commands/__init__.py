@@ -1,0 +1,1 @@
+"""The sweep study's commands: sweep, report, plot, compare."""
