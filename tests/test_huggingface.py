@@ -207,7 +207,8 @@ def test_llama_passes_causal_flag_and_key_padding_to_the_backend():
     for call in spy.call_args_list:
         _, q, k, _ = call.args
         assert call.kwargs["causal"] is True
-        assert q.shape == k.shape == (3, 4, N, 8)  # GQA: key heads repeated to the query heads
+        assert q.shape == (3, 4, N, 8)
+        assert k.shape == (3, 2, N, 8)  # GQA: the 2 key/value heads reach the backend as they are
         torch.testing.assert_close(call.kwargs["key_padding_mask"], mask.bool())
 
 

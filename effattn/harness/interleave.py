@@ -1,4 +1,4 @@
-"""Interleaved timing of ours beside its peers: the one loop benchmarks/ shares.
+"""Interleaved timing of callables: the one loop effattn.harness.cases and the peers share.
 
 Every repeat times each callable once, in the order given, with meters.time_cpu (threads
 pinned), so that a change of machine load lands on every candidate of the same repeat instead of
