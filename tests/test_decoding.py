@@ -293,3 +293,15 @@ def test_rewind_goes_back_to_a_mark(name):
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"mark: expected one made at a length <= 21"):
         state.rewind((25, None))
+
+
+def test_reserve_makes_room_once():
+    state = effattn.decode_state("full", batch=1, heads=2, head_dim=4, dtype=torch.float64)
+    state.reserve(100)
+    assert state.capacity == 100 and state.length == 0
+    k = torch.randn(1, 2, 100, 4, dtype=torch.float64)
+    state.extend(k, k)
+    assert state.capacity == 100 and state.nbytes == 2 * 2 * 100 * 4 * 8
+    linear = effattn.decode_state("linear", batch=1, heads=2, head_dim=4)
+    linear.reserve(10**6)  # a state of a fixed size needs no room
+    assert linear.nbytes == 0

@@ -40,8 +40,13 @@ class KVCache(DecodeState):
         size = (s.batch, s.kv_heads, capacity, s.head_dim)
         return torch.empty(size, dtype=s.dtype, device=s.device)
 
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity, MIN_CAPACITY)
+    def reserve(self, positions: int) -> None:
+        if positions > self.capacity:
+            self._grow(positions, exact=True)
+
+    def _grow(self, needed: int, exact: bool = False) -> None:
+        """Room for ``needed`` positions: doubled (amortised O(1) append), or just that many."""
+        capacity = needed if exact else max(needed, 2 * self.capacity, MIN_CAPACITY)
         used = self.length
         k, v = self._buffer(capacity), self._buffer(capacity)
         k[:, :, :used], v[:, :, :used] = self.k[:, :, :used], self.v[:, :, :used]

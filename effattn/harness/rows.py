@@ -48,7 +48,7 @@ class Row:
     device: str
     causal: bool
     threads: int  # CPU intra-op threads while timing
-    mode: str  # fwd, fwd_bwd, step
+    mode: str  # fwd, fwd_bwd, step, decode
     status: str  # one of STATUSES
     reason: str = ""  # why, for every status but ok
     time_ms_median: float | None = None  # median of the timed runs of all rounds, ms per call
@@ -67,9 +67,10 @@ class Row:
     speedup_vs_sdpa_hi: float | None = None
     speedup_vs_sdpa_rounds: list[float] | None = None
     peak_mem_mib: float | None = None  # peak memory above the inputs, MiB = 2**20 bytes
+    state_mib: float | None = None  # decode: the bytes the decoding state holds, MiB
     flops: int | None = None  # FLOPs of one call (the backend's flops())
     gflop_per_s: float | None = None  # flops / median time
-    tokens_per_s: float | None = None  # B * N / median time
+    tokens_per_s: float | None = None  # tokens of a call (B * N; decode: B) / median time
     steps_per_s: float | None = None  # 1 / median time (calls per second)
     rel_error: float | None = None  # approximate backends: ||out - ref|| / ||ref||
     wall_s: float | None = None  # wall-clock seconds the worker took
@@ -78,6 +79,8 @@ class Row:
     device_name: str = ""  # the worker's CPU or GPU name ("" when no worker ran)
     gpu: str = ""  # CUDA_VISIBLE_DEVICES the worker ran with ("" when not set)
     job_id: str = ""  # Slurm (array) job id, or submitit's local job id; "" for a local sweep
+    kv_heads: int | None = None  # Hkv, key/value heads (None: H)
+    kv_n: int | None = None  # Nk, keys (None: N)
 
     @classmethod
     def make(cls, point: Any, status: str, reason: str = "", **measured: Any) -> Row:
@@ -88,7 +91,8 @@ class Row:
         if status == "ok" and time_ms:
             seconds = time_ms / 1e3
             measured.setdefault("steps_per_s", 1 / seconds)
-            measured.setdefault("tokens_per_s", point.batch * point.n / seconds)
+            tokens = getattr(point, "tokens", point.batch * point.n)
+            measured.setdefault("tokens_per_s", tokens / seconds)
             if measured.get("flops"):
                 measured.setdefault("gflop_per_s", measured["flops"] / seconds / 1e9)
         return make_row(cls, STATUSES, point, status, reason, measured)

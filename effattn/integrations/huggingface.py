@@ -23,23 +23,49 @@ padding mask, never a dense (Nq, Nk) mask, so:
 
 - the mask function registered for each name returns None (no padding) or the (B, Nk) bool key
   padding mask (True = the key takes part), like transformers' flash-attention masks. It first
-  checks that the pattern the model asks for is plain causal, or every key for an encoder
-  (transformers 5.x builds encoders' masks there too): a sliding window, chunked
-  attention, packed sequences (``position_ids`` that restart) or an overlay that changes the
-  first or last query's row is refused with a ValueError, never silently dropped;
+  checks that the pattern the model asks for is plain causal, or every key for an encoder or a
+  decoder's cross-attention (transformers 5.x builds their masks there too): a sliding window,
+  chunked attention, packed sequences (``position_ids`` that restart) or an overlay that
+  changes the first or last query's row is refused with a ValueError, never silently dropped.
+  A causal pattern must put the last query at the last key's position (a dynamic cache; a
+  static, pre-allocated one is refused); one that keeps every key needs no such alignment;
 - causality then comes from the call's ``is_causal`` argument or the module's ``is_causal``
   attribute (True when absent, as transformers' SDPA path assumes), aligned bottom-right, so
-  decoding with a KV cache (one query, all past keys) is right;
-- a 4-D mask, which models that build their own masks (ESM, user-given masks) hand over
-  (bool, True = keep; or float, 0 = keep and a large negative = masked; shape (B or 1, 1,
-  Nq or 1, >= Nk)), is read as the whole mask, as transformers' SDPA path does: it must be
-  causal + key padding or key padding alone. Other masks (an additive bias, per-head masks, a
-  window) raise a ValueError. Rows that keep no key may be all-False or all-True in the given
-  mask (transformers "unmasks" them); effattn gives them zeros either way. Reading a 4-D mask
-  costs O(Nq * Nk), like the mask itself.
+  decoding with a KV cache (one query, all past keys) is right, and a cross-attention
+  (``is_causal=False``: BART's, Marian's) attends to every unpadded encoder key;
+- a 4-D mask, which models that build their own masks (ESM, BART and Marian under 4.57,
+  user-given masks) hand over (bool, True = keep; or float, 0 = keep and a large negative =
+  masked; shape (B or 1, 1, Nq or 1, >= Nk)), is read as the whole mask, as transformers' SDPA
+  path does: it must be causal + key padding or key padding alone (where both fit, as with
+  one query, the module's ``is_causal`` decides). Other masks (an additive bias such as T5's,
+  per-head masks, a window) raise a ValueError. Rows that keep no key may be all-False or
+  all-True in the given mask (transformers "unmasks" them); effattn gives them zeros either
+  way. Reading a 4-D mask costs O(Nq * Nk), like the mask itself.
+
+generate() with effattn's decoding states. transformers' own caches keep every key and value
+and hand them all to each attention call, so an effattn backend recomputes over the whole
+cache at every step. Passing :func:`decoding_cache` instead makes each decoder layer decode
+with its backend's effattn state (effattn.decode_state: a K/V cache for full and sdpa, a ring
+of the last ``window`` keys for local, running sums for linear and performer):
+
+>>> model.set_attn_implementation("effattn_local_128")
+>>> out = model.generate(ids, attention_mask=mask, max_new_tokens=64,
+...                      past_key_values=huggingface.decoding_cache(model))
+
+:class:`EffattnCache` (effattn.integrations.huggingface_cache) is that cache: a transformers
+``Cache`` whose layer hands the attention call only the new keys and values, which the call
+appends to the state. For an encoder-decoder, decoding_cache wraps it as
+``EncoderDecoderCache(EffattnCache(model), DynamicCache())``: cross-attention keys and values
+are the encoder's, computed once; their calls run through effattn, not causal, with the
+encoder's key padding. A backend that cannot decode (decode_state refuses it: lsh, strided,
+xl, ...) warns and keeps every key and value, recomputing over them as with transformers'
+``DynamicCache``. Greedy search and sampling are supported; beam search, assisted decoding and
+contrastive search (which edit the past) and ``output_attentions`` raise a ValueError with a
+state. Without ``past_key_values`` generate() uses transformers' DynamicCache as usual.
 
 Other arguments: keys and values with fewer heads than the queries (grouped-query attention)
-are repeated to the query heads; ``scaling`` is the softmax scale; attention ``dropout`` > 0
+go to the backend as they are (effattn backends take them; those without native support
+repeat them to the query heads); ``scaling`` is the softmax scale; attention ``dropout`` > 0
 (only passed when training) is not applied and warns (effattn backends have no attention
 dropout); ``head_mask``, ``softcap`` and attention sinks (``s_aux``) raise. The output is in
 the (B, Nq, H, D) layout transformers expects. Attention weights are None unless the call

@@ -75,7 +75,9 @@ class EffattnLayer(DynamicLayer):
         setattr(key_states, LAYER_TAG, self)
         return key_states, value_states
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float | None):
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float | None
+    ) -> Tensor:
         """The outputs (B, H, c, D) of the new queries q (B, H, c, D), appending k, v
         (B, Hkv, c, D) with key padding ``keep`` (B, c) to the state."""
         if self.state is None:

@@ -9,7 +9,9 @@
   (performer-pytorch, linear-attention-transformer, linformer, nystrom-attention);
 - :mod:`~effattn.peers.cases`: the comparisons (ours beside which peers, and how their outputs
   are compared);
-- :mod:`~effattn.peers.measure`: time, peak memory and agreement, one row per (ours, peer);
+- :mod:`~effattn.peers.measure`: every candidate a case of effattn.harness.cases, timed into a
+  run (one effattn.harness.rows.Row each), and one line per (ours, peer) pair computed from the
+  rows: time and memory ratios, and the output agreement;
 - :mod:`~effattn.peers.report`: the table, the versions and the report folder;
 - :mod:`~effattn.peers.cli`: the command.
 

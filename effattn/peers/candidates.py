@@ -1,8 +1,9 @@
 """The candidates of the peer comparisons, each a builder: sequence length N -> a call without
 arguments on inputs fixed at build time (:func:`effattn.peers.inputs.qkv`, so that ours and the
-peers see the same tensors); and the agreement checks that need inputs of their own (a peer whose
-timed outputs cannot be compared with ours as they are). Building a peer's candidate imports it
-(ImportError when it is not installed); importing this module imports none.
+peers see the same tensors), ours as :class:`Ours` (the builder with the backend and options its
+row names); and the agreement checks that need inputs of their own (a peer whose timed outputs
+cannot be compared with ours as they are). Building a peer's candidate imports it (ImportError
+when it is not installed); importing this module imports none.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from effattn.peers.inputs import qkv
 
 Call = Callable[[], Tensor]  # one forward on inputs fixed at build time
 Builder = Callable[[int], Call]  # sequence length N -> the call
+
+
+@dataclass(frozen=True)
+class Ours:
+    """One of our candidates: the effattn backend it runs, with its options, and its builder."""
+
+    backend: str  # the registered backend its row names (xl for effattn.nn's layer)
+    build: Builder  # N -> the call
+    options: tuple[tuple[str, object], ...] = ()  # the backend's options, sorted pairs
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ def agreement(ours: Tensor, peer: Tensor, note: str) -> Agreement:
 
 
 # -- the candidates ------------------------------------------------------------------------------
-def ours_backend(name: str, *, causal: bool = False, **options: object) -> Builder:
+def ours_backend(name: str, *, causal: bool = False, **options: object) -> Ours:
     """Our backend ``name`` on the shared q, k, v: (B, H, N, D) -> (B, H, N, D)."""
 
     def build(n: int) -> Call:
@@ -51,7 +61,7 @@ def ours_backend(name: str, *, causal: bool = False, **options: object) -> Build
         q, k, v = qkv(n)
         return lambda: backend(q, k, v, causal=causal)
 
-    return build
+    return Ours(name, build, tuple(sorted(options.items())))
 
 
 def torch_sdpa(n: int) -> Call:
@@ -81,7 +91,8 @@ def hf_bigbird(n: int) -> Call:
 
 
 def lsh_builders(bucket_size: int, n_hashes: int) -> dict[str, Builder]:
-    """Ours, reformer-pytorch and HF on the shared-QK inputs (q, v), 1/sqrt(D) for ours."""
+    """Ours, reformer-pytorch and HF on the shared-QK inputs (q, v) of shape (B, H, N, D),
+    1/sqrt(D) for ours."""
 
     def on_inputs(make: Callable[..., Call]) -> Builder:
         def build(n: int) -> Call:
@@ -134,7 +145,7 @@ def performer_agreement(causal: bool) -> Callable[[int], Agreement]:
     def check(n: int) -> Agreement:
         with torch.no_grad():
             theirs = klp.performer_exact_peer(n, causal)
-            ours = ours_backend("performer", causal=causal)(n)()
+            ours = ours_backend("performer", causal=causal).build(n)()
         return agreement(ours, theirs, f"N={n}, same features, their eps offsets 0")
 
     return check

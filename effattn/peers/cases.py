@@ -25,7 +25,9 @@ own q/k/v/out projections (linformer, nystrom): ours is timed alone against both
 same layer (the peer's projection modules around our backend) against the layers, so each row
 says what its ratio compares. Causal comparisons run ours causal too. Agreement: max
 |ours - peer| and ||ours - peer|| / ||peer|| where the semantics match, else the reason.
-Building a comparison imports no peer: each is imported when its candidate is built.
+Each candidate is a case of effattn.harness.cases (:mod:`effattn.peers.measure`): ours runs the
+effattn backend its row names (xl for the layer), a peer is backend ``peer:<tag>``. Building a
+comparison imports no peer: each is imported when its candidate is built.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from effattn.peers import sparse, xl
 from effattn.peers.candidates import (
     Agreement,
     Builder,
+    Ours,
     flex_dense,
     flex_sliding_window,
     hf_bigbird,
@@ -64,13 +67,20 @@ class Peer:
     agreement_note: str = ""  # how agreement is measured, or why there is none
     only_for: tuple[str, ...] | None = None  # our candidates the agreement concerns (None: all)
     time_only_note: str = ""  # the note of the other candidates' rows (time and memory only)
+    tag: str = ""  # its rows' backend is peer:<tag>; "" takes the name's first word
+
+    @property
+    def backend(self) -> str:
+        """The backend of its rows: ``peer:local-attention``."""
+        return "peer:" + (self.tag or self.name.split()[0])
 
 
 @dataclass(frozen=True)
 class Comparison:
     key: str  # dense, local, bigbird, lsh, xl, ... (what --only selects)
-    ours: dict[str, Builder]  # our candidates, by name
+    ours: dict[str, Ours]  # our candidates, by name
     peers: tuple[Peer, ...]  # the public implementations of the same algorithm
+    causal: bool = False  # ours and the peers run causal
 
 
 # -- the comparisons -----------------------------------------------------------------------------
@@ -89,8 +99,13 @@ def _exact_and_sparse(bucket_size: int, n_hashes: int) -> dict[str, Comparison]:
             "dense",
             {"effattn full": ours_backend("full"), "effattn sdpa": ours_backend("sdpa")},
             (
-                Peer("torch SDPA", torch_sdpa, agreement_note=SAME),
-                Peer("flex_attention (compiled, dense)", flex_dense, agreement_note=SAME),
+                Peer("torch SDPA", torch_sdpa, agreement_note=SAME, tag="torch-sdpa"),
+                Peer(
+                    "flex_attention (compiled, dense)",
+                    flex_dense,
+                    agreement_note=SAME,
+                    tag="flex_attention",
+                ),
             ),
         ),
         "local": Comparison(
@@ -101,11 +116,13 @@ def _exact_and_sparse(bucket_size: int, n_hashes: int) -> dict[str, Comparison]:
                     f"flex_attention (compiled, sliding window {sparse.WINDOW})",
                     flex_sliding_window,
                     agreement_note=SAME,
+                    tag="flex_attention",
                 ),
                 Peer(
                     "local-attention (exact_windowsize=True)",
                     local_attention_exact,
                     agreement_note=SAME,
+                    tag="local-attention",
                 ),
             ),
         ),
@@ -119,35 +136,43 @@ def _exact_and_sparse(bucket_size: int, n_hashes: int) -> dict[str, Comparison]:
                     compare_outputs=False,
                     agreement_note="n/a: different random blocks (HF draws its own per call "
                     "in train mode; eval mode draws none)",
+                    tag="hf-bigbird",
                 ),
             ),
         ),
         "lsh": Comparison(
             "lsh",
-            {f"effattn lsh b={bucket_size} h={n_hashes}": lsh["ours"]},
+            {
+                f"effattn lsh b={bucket_size} h={n_hashes}": Ours(
+                    "lsh", lsh["ours"], (("bucket_size", bucket_size), ("n_hashes", n_hashes))
+                )
+            },
             (
                 Peer(
                     "reformer-pytorch LSHAttention",
                     lsh["reformer"],
                     agreement_check=lsh_agreement("reformer", bucket_size),
                     agreement_note=lsh_note,
+                    tag="reformer-pytorch",
                 ),
                 Peer(
                     "HF LSHSelfAttention",
                     lsh["hf"],
                     agreement_check=lsh_agreement("hf", bucket_size),
                     agreement_note=lsh_note,
+                    tag="hf-lsh",
                 ),
             ),
         ),
         "xl": Comparison(
             "xl",
-            {"effattn.nn.TransformerXLAttention": xl_layer(xl.OURS)},
+            {"effattn.nn.TransformerXLAttention": Ours("xl", xl_layer(xl.OURS))},
             (
                 Peer(
                     "HF RelPartialLearnableMultiHeadAttn",
                     xl_layer("hf_transformers"),
                     agreement_note="same weights and inputs, outputs compared",
+                    tag="hf-transfo-xl",
                 ),
             ),
         ),
@@ -170,8 +195,10 @@ def _kernel_and_linear() -> dict[str, Comparison]:
                     agreement_check=performer_agreement(causal),
                     agreement_note="attention only on both sides; agreement with their own "
                     "feature and product functions, their eps = 1e-4 feature offset set to 0",
+                    tag="performer-pytorch",
                 ),
             ),
+            causal=causal,
         )
         found["linear" + tag] = Comparison(
             "linear" + tag,
@@ -189,8 +216,10 @@ def _kernel_and_linear() -> dict[str, Comparison]:
                         else "attention only on both sides; agreement: our product with their "
                         "features (softmax over D of q, over N of k), theirs elu+1 differs"
                     ),
+                    tag="linear-attention-transformer",
                 ),
             ),
+            causal=causal,
         )
     return found
 
@@ -205,7 +234,11 @@ def _low_rank_layers() -> dict[str, Comparison]:
             "linformer",
             {
                 f"effattn linformer k={klp.RANK}": ours_backend("linformer", rank=klp.RANK),
-                linformer_layer: klp.layer_builder("ours", klp.linformer_layers),
+                linformer_layer: Ours(
+                    "linformer",
+                    klp.layer_builder("ours", klp.linformer_layers),
+                    (("rank", klp.RANK),),
+                ),
             },
             (
                 Peer(
@@ -215,6 +248,7 @@ def _low_rank_layers() -> dict[str, Comparison]:
                     "proj_k and proj_v; outputs compared",
                     only_for=(linformer_layer,),
                     time_only_note=alone + "projections (512 x 512)",
+                    tag="linformer",
                 ),
             ),
         ),
@@ -224,7 +258,11 @@ def _low_rank_layers() -> dict[str, Comparison]:
                 f"effattn nystrom m={klp.LANDMARKS}": ours_backend(
                     "nystrom", landmarks=klp.LANDMARKS
                 ),
-                nystrom_layer: klp.layer_builder("ours", klp.nystrom_layers),
+                nystrom_layer: Ours(
+                    "nystrom",
+                    klp.layer_builder("ours", klp.nystrom_layers),
+                    (("landmarks", klp.LANDMARKS),),
+                ),
             },
             (
                 Peer(
@@ -238,6 +276,7 @@ def _low_rank_layers() -> dict[str, Comparison]:
                     "multiple of m (it pads N with zeros that count in its landmark means)",
                     only_for=(nystrom_layer,),
                     time_only_note=alone + "projections (512 x 1536, 512 x 512)",
+                    tag="nystrom-attention",
                 ),
             ),
         ),

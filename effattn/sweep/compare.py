@@ -118,7 +118,7 @@ def compare_runs(
             continue
         repeats = repeat_intervals(a)  # run A's repeat interval of each metric
         changes = {m: c for m in METRICS if (c := _change(a, b, m, repeats, noise_pct)) is not None}
-        section = section_title(tuple(b[k] for k in SECTION))
+        section = section_title(tuple(b.get(k) for k in SECTION))
         cells.append(Cell(section, b["label"], b["n"], b["mode"], b["causal"], changes))
     if not cells:
         raise ValueError(f"compare: no point was measured ok in both {name_a} and {name_b}")

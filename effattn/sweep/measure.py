@@ -3,15 +3,20 @@
 Used inside a worker process (effattn.sweep.worker, which times the callables in rounds and
 measures their memory with effattn.harness.meters). Modes:
 
-- ``fwd``:     ``backend(q, k, v)`` with q, k, v: (B, H, N, D), no autograd.
+- ``fwd``:     ``backend(q, k, v)`` with q: (B, H, N, D), k, v: (B, Hkv, Nk, D) (Hkv = H and
+               Nk = N unless the point's kv_heads and kv_n say otherwise), no autograd.
 - ``fwd_bwd``: the same with q, k, v requiring grad, then ``out.backward(grad_out)``.
 - ``step``:    one training step (forward, backward, AdamW step) of a small Transformer encoder,
                ``settings.step_layers`` nn.TransformerEncoderLayer whose self-attention is an
                effattn.MultiheadAttention; d_model = H * D, H heads, on x: (B, N, d_model).
+- ``decode``:  one token decoded at context N: the backend's decoding state (effattn.decoding)
+               is filled with N - 1 positions, and each call attends one new query over it
+               and rewinds, so that every call sees the same context (:class:`DecodeStep`).
 
 FLOPs: ``backend.flops`` for the forward (only the pairs or blocks it computes); forward+backward
 counts 3.5x the forward (backward = 2.5x); a step counts 3.5x the attention forward plus 3x the
-forward of the linear layers (2 * weights * tokens) per layer.
+forward of the linear layers (2 * weights * tokens) per layer. A decoded token counts none (its
+work is the state's, which ``flops`` does not describe).
 """
 
 from __future__ import annotations
@@ -22,22 +27,26 @@ import torch
 from torch import nn
 
 from effattn.backend import Backend
+from effattn.decoding import DecodeState, decode_state
 from effattn.nn import MultiheadAttention
 from effattn.registry import get_backend
 from effattn.sweep.spec import DTYPES, Point, Settings
 
 FWD_BWD_FACTOR = 3.5  # forward + backward = (1 + 2.5) x forward
+FILL_CHUNK = 4096  # positions a decoding state is filled with per call
 
 
 def backend_of(point: Point) -> Backend:
     return get_backend(point.backend, **dict(point.options))
 
 
-def point_flops(point: Point, settings: Settings) -> int:
-    """FLOPs of one call of the point's callable."""
+def point_flops(point: Point, settings: Settings) -> int | None:
+    """FLOPs of one call of the point's callable (None for a decoded token)."""
+    if point.mode == "decode":
+        return None
     backend = backend_of(point)
     b, h, n, d = point.batch, point.heads, point.n, point.head_dim
-    forward = backend.flops(b, h, n, n, d, causal=point.causal)
+    forward = backend.flops(b, h, n, point.keys, d, causal=point.causal)
     if point.mode == "fwd":
         return forward
     if point.mode == "fwd_bwd":
@@ -49,16 +58,70 @@ def point_flops(point: Point, settings: Settings) -> int:
 
 
 def inputs(point: Point, *, requires_grad: bool = False, seed: int = 0) -> tuple:
-    """q, k, v: (B, H, N, D) of the point's dtype and device, seeded."""
+    """q: (B, H, N, D), k, v: (B, Hkv, Nk, D) of the point's dtype and device, seeded."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (point.batch, point.heads, point.n, point.head_dim)
+    b, d = point.batch, point.head_dim
+    shapes = [(b, point.heads, point.n, d)] + [(b, point.key_heads, point.keys, d)] * 2
     dtype = DTYPES[point.dtype]
     return tuple(
         torch.randn(shape, generator=gen)
         .to(device=point.device, dtype=dtype)
         .requires_grad_(requires_grad)
-        for _ in range(3)
+        for shape in shapes
     )
+
+
+def decode_refusals(point: Point) -> list[str]:
+    """Why the point's backend cannot decode (mode decode), in its own words; [] if it can."""
+    try:
+        decode_state(
+            backend_of(point),
+            batch=1,
+            heads=point.heads,
+            kv_heads=point.key_heads,
+            head_dim=point.head_dim,
+            dtype=DTYPES[point.dtype],
+            device=point.device,
+        )
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
+class DecodeStep:
+    """One token decoded at context N (mode decode): the state holds N - 1 positions; a call
+    attends one query over them and the new key, then rewinds the state to N - 1."""
+
+    def __init__(self, point: Point, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        b, h, hkv, d = point.batch, point.heads, point.key_heads, point.head_dim
+        dtype = DTYPES[point.dtype]
+
+        def draw(heads: int, length: int) -> torch.Tensor:
+            return torch.randn(b, heads, length, d, generator=gen).to(point.device, dtype)
+
+        self.state: DecodeState = decode_state(
+            backend_of(point),
+            batch=b,
+            heads=h,
+            kv_heads=hkv,
+            head_dim=d,
+            dtype=dtype,
+            device=point.device,
+        )
+        self.state.reserve(point.n)  # the context and the decoded token, nothing spare
+        with torch.no_grad():
+            for start in range(0, point.n - 1, FILL_CHUNK):
+                length = min(FILL_CHUNK, point.n - 1 - start)
+                self.state.extend(draw(hkv, length), draw(hkv, length))
+        self.q, self.k, self.v = draw(h, 1), draw(hkv, 1), draw(hkv, 1)
+        self.mark = self.state.mark()
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.state.attend(self.q, self.k, self.v)
+        self.state.rewind(self.mark)
+        return out
 
 
 def _encoder(point: Point, settings: Settings) -> nn.Module:
@@ -87,7 +150,10 @@ def build_callable(
     tensors: q, k, v to use instead of building them (modes fwd and fwd_bwd; for fwd_bwd they
     must require grad), so that the points of one comparison group share one set of inputs:
     ``inputs(point, requires_grad=point.mode == "fwd_bwd")``. Mode step builds its own input
-    from the global seed: seed before each build for identical inputs."""
+    from the global seed: seed before each build for identical inputs; mode decode its own
+    state (:class:`DecodeStep`)."""
+    if point.mode == "decode":
+        return DecodeStep(point)
     backend = backend_of(point)
     causal = point.causal
     if point.mode == "fwd":
@@ -137,7 +203,9 @@ def reference_output(point: Point) -> torch.Tensor:
         for b in range(point.batch):
             for h in range(point.heads):
                 sl = (slice(b, b + 1), slice(h, h + 1))  # (B, H, N, D) -> (1, 1, N, D)
-                out[sl] = full(q[sl].double(), k[sl].double(), v[sl].double(), causal=point.causal)
+                g = h // (point.heads // point.key_heads)  # the key/value head query h reads
+                kv = (sl[0], slice(g, g + 1))
+                out[sl] = full(q[sl].double(), k[kv].double(), v[kv].double(), causal=point.causal)
     return out
 
 

@@ -1,9 +1,9 @@
 """Plots of a sweep (matplotlib, imported here only; Agg backend). Each ``plot_*`` function
 returns a Figure; :func:`save_figure` writes it as PNG and SVG; :func:`write_plots` makes them all.
 
-- plot_time / plot_memory: time_ms_median and peak_mem_mib against N, log-log, one line per
-  backend (and run), with the 95% interval of the time as a band (a run without rounds: from
-  median - IQR/2 to median + IQR/2);
+- plot_time / plot_memory: time_ms_median and peak_mem_mib (decoding: state_mib) against N,
+  log-log, one line per backend (and run), with the 95% interval of the time as a band (a run
+  without rounds: from median - IQR/2 to median + IQR/2);
 - plot_speedup: full's time / each backend's time against N (per round), with its 95% interval;
 - plot_error_vs_speed: rel_error against time for the approximate backends;
 - plot_patterns: the attention pattern (Backend.pattern) of each backend that does not attend to
@@ -71,11 +71,13 @@ def plot_time(frame: pd.DataFrame) -> Figure:
 
 
 def plot_memory(frame: pd.DataFrame) -> Figure:
-    """Peak memory above the inputs against N on log-log axes."""
+    """Peak memory above the inputs (decoding: the state's bytes) against N on log-log axes."""
     fig, (ax,) = new_figure()
     for label, rows in _curves(frame):
-        ax.plot(rows["n"], rows["peak_mem_mib"].clip(lower=1e-3), marker="o", label=label)
-    _log_axes(ax, "peak_mem_mib (MiB = 2**20 bytes)", _section_title(frame), _ns(frame))
+        ax.plot(rows["n"], rows["memory_mib"].clip(lower=1e-3), marker="o", label=label)
+    decode = (frame["mode"] == "decode").all()
+    axis = "state_mib of the decoding state" if decode else "peak_mem_mib"
+    _log_axes(ax, f"{axis} (MiB = 2**20 bytes)", _section_title(frame), _ns(frame))
     return fig
 
 
@@ -190,10 +192,11 @@ def write_plots(frame: pd.DataFrame, out: Path, prefix: str) -> list[Path]:
     # (mode, causal) names a section unless other axes vary too
     long_names = len(sections) > len({(k[0], k[3]) for k, _ in sections})
     for key, part in sections:
-        mode, dtype, device, causal, b, h, d, threads = key
+        mode, dtype, device, causal, b, h, d, threads, kv_heads, kv_n = key
         name = f"{prefix}-{mode}" + ("-causal" if causal else "")
         if long_names:
             name += f"-{dtype}-{device}-b{b}h{h}d{d}-t{threads}"
+            name += ("" if kv_heads == h else f"-hkv{kv_heads}") + (f"-nk{kv_n}" if kv_n else "")
         kinds = {"time": plot_time, "memory": plot_memory, "speedup": plot_speedup}
         if part["rel_error"].notna().any():
             kinds["error"] = plot_error_vs_speed

@@ -43,7 +43,11 @@ from effattn.registry import backend_class, parse_backend_spec
 from effattn.sweep.spec import BASELINES
 
 FIDELITY_COLUMN = "cosine, real model (N=512)"  # from `effattn fidelity` (report --fidelity)
-SECTION = ["mode", "dtype", "device", "causal", "batch", "heads", "head_dim", "threads"]
+# The axes a table is made for (its columns are N); kv_heads and kv_n are filled in by
+# load_runs where a row has none (Hkv = H; Nk = N, shown as "").
+SECTION = [
+    "mode", "dtype", "device", "causal", "batch", "heads", "head_dim", "threads", "kv_heads", "kv_n"
+]  # fmt: skip
 STATUS_TEXT = {"oom": "OOM", "timeout": "timeout", "unsupported": "n/a", "skipped": "skipped"}
 PEER = "peer:"  # the backend of a public implementation (effattn.harness.cases)
 BASELINE = "full"  # the first row of every table; speed-ups and memory are relative to it
@@ -55,6 +59,13 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
     """All rows of the runs, one per point (the last row of a key wins), with derived columns."""
     frame = read_runs(paths)
     not_sweeps = frame["mode"].isna() if "mode" in frame else pd.Series(True, frame.index)
+    for column in ("kv_heads", "kv_n", "state_mib"):
+        if column not in frame:
+            frame[column] = np.nan
+    frame["kv_heads"] = frame["kv_heads"].fillna(frame["heads"]).astype(int)
+    frame["kv_n"] = [_nk(value) for value in frame["kv_n"]]
+    # what the memory tables show: the decoding state for a decoded token, else the peak
+    frame["memory_mib"] = frame["state_mib"].where(frame["mode"] == "decode", frame["peak_mem_mib"])
     if not_sweeps.any():
         run_dir = Path(frame.loc[not_sweeps, "run_dir"].iloc[0])
         raise ValueError(
@@ -80,10 +91,10 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
         merged = frame.merge(base, on=["run", *SECTION, "n"], how="left")["_base"]
         column = f"speedup_vs_{label}"
         frame[column] = frame[column].fillna(merged / frame["time_ms_median"]).where(ok)
-    base = frame[ok & (frame["label"] == BASELINE)][["run", *SECTION, "n", "peak_mem_mib"]]
+    base = frame[ok & (frame["label"] == BASELINE)][["run", *SECTION, "n", "memory_mib"]]
     base = base.drop_duplicates(["run", *SECTION, "n"])
     frame = frame.merge(base, on=["run", *SECTION, "n"], how="left", suffixes=("", "_full"))
-    frame["mem_vs_full"] = frame["peak_mem_mib"] / frame["peak_mem_mib_full"]
+    frame["mem_vs_full"] = frame["memory_mib"] / frame["memory_mib_full"]
     repeats = [repeat_intervals(r) if r["status"] == "ok" else {} for _, r in frame.iterrows()]
     widths = []
     for stem, median in INTERVALS.items():
@@ -95,7 +106,12 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
         frame[f"{name}_repeat_pct"] = pd.Series(width, index=frame.index, dtype=float)
         widths.append(frame[f"{name}_repeat_pct"] > UNSTABLE_PCT)
     frame["unstable"] = np.logical_or.reduce(widths) & ok
-    return frame.drop(columns=["peak_mem_mib_full"])
+    return frame.drop(columns=["memory_mib_full"])
+
+
+def _nk(value: object) -> str:
+    """A row's Nk as a section value: "" where the keys are the N queries."""
+    return "" if value is None or value == "" or pd.isna(value) else str(int(value))
 
 
 def load_fidelity(path: Path | str) -> dict[Backend, str]:
@@ -178,10 +194,10 @@ def scaling_exponent(n: Sequence[float], values: Sequence[float]) -> float | Non
     return round(float(np.polyfit(x, y, 1)[0]), 2) + 0.0  # + 0.0: no "-0"
 
 
-def _declarations(backend: str) -> tuple[dict[str, str], str]:
-    """The speed table's declaration columns and the memory table's complexity: "-" for a peer
-    (``peer:<name>``, a public implementation a benchmark script timed beside ours), "?" for a
-    backend that is not registered here (a plugin of the run)."""
+def _declarations(backend: str, decode: bool = False) -> tuple[dict[str, str], str]:
+    """The speed table's declaration columns and the memory table's complexity (``decode``: of
+    the decoding state): "-" for a peer (``peer:<name>``, a public implementation a benchmark
+    script timed beside ours), "?" for a backend that is not registered here (a plugin)."""
     try:
         cls = backend_class(backend)
     except ValueError:
@@ -192,7 +208,7 @@ def _declarations(backend: str) -> tuple[dict[str, str], str]:
         "class": cls.tay_class,
         "causal decode": "yes" if cls.supports_causal else "no",
         "exact": "yes" if cls.exact else "no",
-    }, cls.memory_complexity
+    }, cls.state_complexity if decode else cls.memory_complexity
 
 
 def _pm(width: float) -> str:
@@ -209,7 +225,7 @@ def _cell(row: pd.Series, kind: str) -> str:
     if kind == "memory":
         rel = row["mem_vs_full"]
         tail = "" if pd.isna(rel) else f" ({fmt_number(rel, 2)}x)"
-        return f"{fmt_number(row['peak_mem_mib'])}{tail}"
+        return f"{fmt_number(row['memory_mib'])}{tail}"
     if kind == "vs_sdpa":
         rel = row["speedup_vs_sdpa"]
         pm = _pm(row["speedup_vs_sdpa_repeat_pct"])
@@ -234,10 +250,17 @@ class Section:
 
 def section_title(key: tuple) -> str:
     """The title of a section from the values of SECTION: "forward · float32 · cpu · ..."."""
-    mode, dtype, device, causal, b, h, d, threads = key
-    what = {"fwd": "forward", "fwd_bwd": "forward+backward", "step": "encoder training step"}
+    mode, dtype, device, causal, b, h, d, threads, kv_heads, kv_n = key
+    what = {
+        "fwd": "forward",
+        "fwd_bwd": "forward+backward",
+        "step": "encoder training step",
+        "decode": "decoding one token at context N",
+    }
+    grouped = "" if kv_heads in (None, h) or pd.isna(kv_heads) else f" Hkv={int(kv_heads)}"
+    keys = f" · Nk={kv_n}" if kv_n not in (None, "") and not pd.isna(kv_n) else ""
     return (
-        f"{what.get(mode, mode)} · {dtype} · {device} · B={b} H={h} D={d} · "
+        f"{what.get(mode, mode)} · {dtype} · {device} · B={b} H={h}{grouped} D={d}{keys} · "
         f"{'causal' if causal else 'bidirectional'} · {threads} threads"
     )
 
@@ -274,7 +297,7 @@ def tay_tables(frame: pd.DataFrame, cosines: dict[Backend, str] | None = None) -
                 v_row[name] = _cell(row, "vs_sdpa")
                 if row["status"] not in ("ok", "skipped"):
                     failures.setdefault((label, r, row["status"], row["reason"]), []).append(n)
-            declared, m_row["memory complexity"] = _declarations(backend)
+            declared, m_row["memory complexity"] = _declarations(backend, key[0] == "decode")
             s_row.update(declared)
             for r in runs:
                 ok = rows[(rows["run"] == r) & (rows["status"] == "ok")]
@@ -287,7 +310,7 @@ def tay_tables(frame: pd.DataFrame, cosines: dict[Backend, str] | None = None) -
                         found = efficiency_length(ok["n"], ok[f"speedup_vs_{base}"])
                         row_of[f"faster than {base} from N{suffix}"] = _efficiency_text(*found)
                 m_row[f"memory exp.{suffix}"] = fmt_number(
-                    scaling_exponent(list(ok["n"]), list(ok["peak_mem_mib"])), 2
+                    scaling_exponent(list(ok["n"]), list(ok["memory_mib"])), 2
                 )
                 errors = ok["rel_error"].dropna() if "rel_error" in ok else []
                 if len(errors):
@@ -314,6 +337,8 @@ def tay_tables(frame: pd.DataFrame, cosines: dict[Backend, str] | None = None) -
 
 def _speed_caption(title: str) -> str:
     value = "steps_per_s" if title.startswith("encoder training step") else "time_ms_median"
+    if title.startswith("decoding"):
+        value = "time_ms_median per decoded token (one token of each of the B sequences)"
     return (
         f"{value} ± (speed-up vs full ±): the median over the timed runs of every "
         "interleaved round, and full's time / this time taken per round" + _CI
@@ -338,6 +363,12 @@ VS_SDPA_CAPTION = (
 
 
 MEMORY_CAPTION = "peak_mem_mib above the inputs, MiB = 2**20 bytes (x full's)"
+STATE_CAPTION = "state_mib: what the decoding state holds, MiB = 2**20 bytes (x full's)"
+
+
+def memory_caption(title: str) -> str:
+    """The caption of a section's memory table (its title says whether it decodes)."""
+    return STATE_CAPTION if title.startswith("decoding") else MEMORY_CAPTION
 
 
 def _environment_lines(frame: pd.DataFrame) -> list[str]:
@@ -372,7 +403,7 @@ def render_markdown(frame: pd.DataFrame, cosines: dict[Backend, str] | None = No
         if s.vs_sdpa is not None:
             out += [f"Speed-up vs sdpa: {VS_SDPA_CAPTION}", ""]
             out += [render(s.vs_sdpa, "md"), ""]
-        out += [f"Memory: {MEMORY_CAPTION}", "", render(s.memory, "md"), ""]
+        out += [f"Memory: {memory_caption(s.title)}", "", render(s.memory, "md"), ""]
         out += [f"- {note}" for note in s.notes]
         if s.notes:
             out.append("")
@@ -392,7 +423,7 @@ def _tables(s: Section) -> list[tuple[str, pd.DataFrame]]:
     tables = [(_speed_caption(s.title), s.speed)]
     if s.vs_sdpa is not None:
         tables.append((VS_SDPA_CAPTION, s.vs_sdpa))
-    return [*tables, (MEMORY_CAPTION, s.memory)]
+    return [*tables, (memory_caption(s.title), s.memory)]
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}

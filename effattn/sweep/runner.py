@@ -106,13 +106,16 @@ def gpu_slots(workers: int, points: list[Point]) -> list[str | None]:
 
 def _unsupported(point: Point) -> list[str]:
     backend = measure.backend_of(point)
-    return backend.not_supported_reasons(
+    reasons = backend.not_supported_reasons(
         device=point.device,
         dtype=DTYPES[point.dtype],
         causal=point.causal,
-        backward=point.mode != "fwd",
+        backward=point.mode in ("fwd_bwd", "step"),
         head_dim=point.head_dim,
     )
+    if point.mode == "decode" and not reasons:
+        reasons = measure.decode_refusals(point)
+    return reasons
 
 
 def _cut_off(point: Point, done: dict[str, dict]) -> str | None:

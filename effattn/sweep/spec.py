@@ -38,7 +38,7 @@ from effattn.registry import (
     parse_backend_spec,
 )
 
-MODES = ("fwd", "fwd_bwd", "step")
+MODES = ("fwd", "fwd_bwd", "step", "decode")
 BASELINES = ("full", "sdpa")  # the labels every speed-up is taken against, within rounds
 DTYPES = {dtype_name(d): d for d in FLOAT_DTYPES}  # float16, bfloat16, float32, float64
 DEVICES = ("auto", "cpu", "cuda")
@@ -110,7 +110,9 @@ class Grid:
     device: tuple[str, ...] = ("auto",)  # auto = cuda if available, else cpu
     causal: tuple[bool, ...] = (False,)
     threads: tuple[int, ...] = (2,)  # CPU intra-op threads, pinned while timing
-    mode: tuple[str, ...] = ("fwd",)  # fwd, fwd_bwd, step
+    mode: tuple[str, ...] = ("fwd",)  # fwd, fwd_bwd, step, decode (one token at context N)
+    kv_heads: tuple[int | None, ...] = (None,)  # Hkv, key/value heads (None: H); H % Hkv == 0
+    kv_seq_lens: tuple[int | None, ...] = (None,)  # Nk, keys (None: N); cross-attention
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,9 @@ class Point:
     device: str  # cpu or cuda (resolved)
     causal: bool
     threads: int  # CPU intra-op threads
-    mode: str  # fwd, fwd_bwd or step
+    mode: str  # fwd, fwd_bwd, step or decode
+    kv_heads: int | None = None  # Hkv, key/value heads (None: H, no grouping)
+    kv_n: int | None = None  # Nk, keys (None: N); the queries are N
 
     @property
     def label(self) -> str:
@@ -135,8 +139,28 @@ class Point:
 
     @property
     def key(self) -> str:
-        """A stable identity for resuming: the point's fields as canonical JSON."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        """A stable identity for resuming: the point's fields as canonical JSON (the key
+        and value axes left out where they are None, so keys made before they existed hold)."""
+        fields = dataclasses.asdict(self)
+        for name in ("kv_heads", "kv_n"):
+            if fields[name] is None:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True, default=list)
+
+    @property
+    def keys(self) -> int:
+        """Nk, the keys each query call attends over (decode: the context N)."""
+        return self.n if self.kv_n is None else self.kv_n
+
+    @property
+    def key_heads(self) -> int:
+        """Hkv, the key/value heads."""
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one call processes: B * N, or B for a decoded token."""
+        return self.batch if self.mode == "decode" else self.batch * self.n
 
     @property
     def group_key(self) -> str:
@@ -146,9 +170,11 @@ class Point:
 
     def describe(self) -> str:
         causal = " causal" if self.causal else ""
+        kv_heads = "" if self.kv_heads is None else f" Hkv={self.kv_heads}"
+        kv_n = "" if self.kv_n is None else f" Nk={self.kv_n}"
         return (
-            f"{self.mode} {self.label} N={self.n} B={self.batch} H={self.heads} "
-            f"D={self.head_dim} {self.dtype} {self.device}{causal}"
+            f"{self.mode} {self.label} N={self.n}{kv_n} B={self.batch} H={self.heads}"
+            f"{kv_heads} D={self.head_dim} {self.dtype} {self.device}{causal}"
         )
 
 
@@ -202,7 +228,7 @@ def load_preset(name: str) -> SweepSpec:
                 f"preset {path}: {section} has unknown axes {sorted(set(raw) - set(grid_types))}"
             )
         axes = {
-            key: tuple_of(section, key, value, type(grid_types[key][0]))
+            key: tuple_of(section, key, value, _axis_type(grid_types[key][0]))
             for key, value in raw.items()
         }
         grids.append(Grid(**axes))
@@ -230,8 +256,9 @@ TINY_ENV = "EFFATTN_SWEEP_TINY"  # set (to anything but "" or "0"): every sweep 
 
 def tiny(spec: SweepSpec) -> SweepSpec:
     """The same sweep at toy sizes, for the tests that run every command the README shows:
-    each grid's two smallest N divided by 16 (at least 16), B=1, H=2, D=16, one thread (two
-    threads on shared, busy cores wait on each other for whole time slices), 2 rounds of 5 ms."""
+    each grid's two smallest N divided by 16 (at least 16; Nk too), B=1, H=2 (Hkv=1 where
+    grouped), D=16, one thread (two threads on shared, busy cores wait on each other for whole
+    time slices), 2 rounds of 5 ms."""
     grids = tuple(
         dataclasses.replace(
             g,
@@ -240,6 +267,10 @@ def tiny(spec: SweepSpec) -> SweepSpec:
             heads=(2,),
             head_dim=(16,),
             threads=(1,),
+            kv_heads=tuple(dict.fromkeys(None if h is None else 1 for h in g.kv_heads)),
+            kv_seq_lens=tuple(
+                dict.fromkeys(None if n is None else max(16, n // 16) for n in g.kv_seq_lens)
+            ),
         )
         for g in spec.grids
     )
@@ -262,6 +293,31 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for, but torch.cuda.is_available() is False")
     return device
+
+
+def _axis_type(default: Any) -> type:
+    """The type of a preset axis' values, from its default (None: an optional int axis)."""
+    return int if default is None else type(default)
+
+
+def _check_key_axes(grid: Grid) -> None:
+    """kv_heads divide every H; kv_seq_lens are positive; neither in modes that cannot take
+    them (decode: the context is N; step: the encoder's own heads)."""
+    for name, values in (("kv_heads", grid.kv_heads), ("kv_seq_lens", grid.kv_seq_lens)):
+        given = tuple(v for v in values if v is not None)
+        _check_positive(name, given)
+        if given and name == "kv_seq_lens" and "decode" in grid.mode:
+            raise ValueError("kv_seq_lens: mode decode attends over its context N; got Nk values")
+        if given and "step" in grid.mode:
+            raise ValueError(f"{name}: mode step runs an encoder of its own; got {list(given)}")
+    if "decode" in grid.mode and False in grid.causal:
+        raise ValueError("causal: mode decode decodes causally; expected causal = [true]")
+    for heads in grid.heads:
+        for kv_heads in grid.kv_heads:
+            if kv_heads is not None and heads % kv_heads:
+                raise ValueError(
+                    f"kv_heads: expected divisors of every H {list(grid.heads)}, got {kv_heads}"
+                )
 
 
 def _check_positive(name: str, values: tuple) -> None:
@@ -289,6 +345,7 @@ def expand(
     for grid in spec.grids:
         for name in ("seq_lens", "batch", "heads", "head_dim", "threads"):
             _check_positive(name, getattr(grid, name))
+        _check_key_axes(grid)
         for m in grid.mode:
             if m not in MODES:
                 raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {m!r}")
@@ -313,8 +370,9 @@ def expand(
                 continue
             backends.append(parse_backend_spec(text))
         names = ("mode", "n", "batch", "heads", "head_dim", "dtype", "device", "causal")
+        names += ("kv_heads", "kv_n")
         axes = (grid.mode, sorted(grid.seq_lens), grid.batch, grid.heads, grid.head_dim)
-        axes += (grid.dtype, devices, grid.causal)
+        axes += (grid.dtype, devices, grid.causal, grid.kv_heads, grid.kv_seq_lens)
         for b in backends:
             for combo in itertools.product(*axes, grid.threads):
                 fields = dict(zip((*names, "threads"), combo, strict=True))

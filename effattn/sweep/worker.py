@@ -123,7 +123,7 @@ def group_main(
 
         def set_up(point: Point = point, min_block: float = min_block) -> tuple:
             nonlocal shared
-            if shared is None and point.mode != "step":
+            if shared is None and point.mode in ("fwd", "fwd_bwd"):
                 shared = measure_mod.inputs(point, requires_grad=point.mode == "fwd_bwd")
             torch.manual_seed(0)
             fn = measure_mod.build_callable(point, settings, tensors=shared)
@@ -160,6 +160,8 @@ def group_main(
             else:
                 peak = meters.peak_memory_cpu(fn)
             fields = {"peak_mem_mib": peak / MIB, "flops": measure_mod.point_flops(point, settings)}
+            if isinstance(fn, measure_mod.DecodeStep):  # what decoding keeps between tokens
+                fields["state_mib"] = fn.state.nbytes / MIB
             if measure_mod.wants_error(point, settings):
                 if reference is None:
                     reference = measure_mod.reference_output(point)

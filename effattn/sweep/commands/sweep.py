@@ -48,6 +48,20 @@ def _add_axes(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--batch", nargs="+", type=positive_int, metavar="B", help="batch B")
     parser.add_argument("--heads", nargs="+", type=positive_int, metavar="H", help="heads H")
     parser.add_argument("--head-dim", nargs="+", type=positive_int, metavar="D", help="head dim")
+    parser.add_argument(
+        "--kv-heads",
+        nargs="+",
+        type=positive_int,
+        metavar="HKV",
+        help="key/value heads (grouped-query attention; each must divide H)",
+    )
+    parser.add_argument(
+        "--kv-seq-lens",
+        nargs="+",
+        type=positive_int,
+        metavar="NK",
+        help="key lengths, N queries over NK keys (cross-attention)",
+    )
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES))
     parser.add_argument(
         "--device", nargs="+", choices=list(DEVICES), help="auto: cuda if available"
@@ -58,7 +72,10 @@ def _add_axes(parser: argparse._ArgumentGroup) -> None:
     )
     causal.add_argument("--no-causal", action="store_true", help="bidirectional only")
     parser.add_argument(
-        "--mode", nargs="+", choices=list(MODES), help="attention fwd, fwd+bwd, model step"
+        "--mode",
+        nargs="+",
+        choices=list(MODES),
+        help="attention fwd, fwd+bwd, model step, decode (one token at context N)",
     )
     parser.add_argument(
         "--threads", nargs="+", type=positive_int, metavar="T", help="CPU threads, pinned"
