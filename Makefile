@@ -31,6 +31,16 @@ sweep: $(STAMP)
 		$(if $(wildcard $(FIDELITY_CSV)),--fidelity $(FIDELITY_CSV))
 	$(PY) -m effattn plot reports/runs/$(SWEEP_RUN) --out reports/plots --prefix $(SWEEP_RUN)
 
+# The inference table (preset decode): ms per decoded token and the decoding state's MiB at
+# context 1K-64K (256K for the states of a fixed size), B = 1 and 8, H=32, Hkv=8, D=128, and the
+# prefill of the prompt; reports/decode-cpu.md (+ csv) and reports/plots/decode-cpu-*.png.
+DECODE_RUN ?= decode-$(SWEEP_DEVICE)
+.PHONY: decode
+decode: $(STAMP)
+	$(PY) -m effattn sweep decode --run-id $(DECODE_RUN) --fresh --quiet
+	$(PY) -m effattn report reports/runs/$(DECODE_RUN) --format md csv --out reports/$(DECODE_RUN)
+	$(PY) -m effattn plot reports/runs/$(DECODE_RUN) --out reports/plots --prefix $(DECODE_RUN)
+
 # Do two back-to-back default sweeps repeat? Run 1 (reports/runs/$(SWEEP_RUN)-first), then
 # `make sweep` itself, then `effattn compare`: the share of speed-up-vs-sdpa cells that agree
 # within +-10%, and of cells whose run-1 95% repeat interval holds run 2's median, in
@@ -85,7 +95,7 @@ test-triton-3.6: $(VENV36)/.installed-stamp
 # on the real model here. Not the dev extra: its transformers < 5 would replace HF5.
 VENVHF5 ?= .venv-hf5
 HF5 ?= transformers==5.23.0
-HF5_TESTS := tests/test_huggingface.py $(wildcard tests/test_fidelity*.py)
+HF5_TESTS := tests/test_huggingface.py tests/test_hf_generate.py $(wildcard tests/test_fidelity*.py)
 
 $(VENVHF5)/.installed-stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENVHF5)

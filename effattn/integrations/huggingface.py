@@ -90,12 +90,13 @@ from torch import Tensor
 
 from effattn._validate import resolve_scale
 from effattn.backend import Backend
+from effattn.integrations.hf_registry import LAYER_TAG, REGISTERED
+from effattn.integrations.hf_registry import registered_backend as registered_backend  # public
 from effattn.ops import keep_mask, repeat_kv_heads
 from effattn.reference import pattern_probabilities
 from effattn.registry import backend_class, get_backend, list_backends
 
 PREFIX = "effattn_"  # register() names each backend effattn_<backend>
-LAYER_TAG = "_effattn_cache_layer"  # on the keys an EffattnCache layer hands over: that layer
 
 # Call arguments that some transformers models pass and effattn cannot honour.
 _UNSUPPORTED_KWARGS = {
@@ -103,8 +104,6 @@ _UNSUPPORTED_KWARGS = {
     "softcap": "softcap (tanh soft-capping of the scores)",
     "s_aux": "s_aux (attention sinks)",
 }
-
-_REGISTERED: dict[str, Backend] = {}  # the names this module registered, and their backends
 
 
 # -- registration ----------------------------------------------------------------------------
@@ -178,18 +177,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def registered_backend(name: str) -> Backend:
-    """The backend that the attention implementation ``name`` runs (one this module registered)."""
-    try:
-        return _REGISTERED[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTERED)) or "none yet: call register()"
-        raise ValueError(
-            f"name: expected an attention implementation registered by effattn ({known}), "
-            f"got {name!r}"
-        ) from None
-
-
 def _require_transformers() -> None:
     try:
         import transformers  # noqa: F401
@@ -212,7 +199,7 @@ def _register_one(name: str, backend: Backend) -> None:
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty str, got {name!r}")
-    taken = (set(AttentionInterface._global_mapping) - set(_REGISTERED)) | {"eager"}
+    taken = (set(AttentionInterface._global_mapping) - set(REGISTERED)) | {"eager"}
     if name in taken:
         raise ValueError(
             f"name: expected a name that transformers does not use itself, got {name!r} "
@@ -226,7 +213,7 @@ def _register_one(name: str, backend: Backend) -> None:
         pass
     else:
         AttentionMaskInterface.register(name, key_padding_mask_interface)
-    _REGISTERED[name] = backend
+    REGISTERED[name] = backend
 
 
 def _install_dispatch_check() -> None:
@@ -241,7 +228,7 @@ def _install_dispatch_check() -> None:
 
     @functools.wraps(current)
     def get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
-        if requested_attention in _REGISTERED:
+        if requested_attention in REGISTERED:
             check_model_dispatches(type(self), requested_attention)
         return current(self, requested_attention, *args, **kwargs)
 

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 import effattn
 from effattn.backend import Backend
 from effattn.decoding import DecodeState
-from effattn.integrations.huggingface import LAYER_TAG, registered_backend
+from effattn.integrations.hf_registry import LAYER_TAG, registered_backend
 
 
 class EffattnLayer(DynamicLayer):

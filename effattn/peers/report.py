@@ -110,7 +110,7 @@ def write_report(out: Path, pairs: Sequence[Mapping[str, Any]], meta: dict[str, 
         "# effattn beside the peers (CPU)",
         "",
         f"Produced by `{meta['command']}` in one process: {machine.describe(meta)}; "
-        f"N={meta['n']}, {meta['repeats']} interleaved repeats, {versions}; "
+        f"N={meta['n']}, {meta['repeats']} interleaved rounds, {versions}; "
         f"{meta['machine']}, {meta['cpu_count']} cores; {meta['wall_s']:.0f} s in all. "
         f"The rows of every candidate: `effattn report {meta['run_dir']}`.",
         "",
