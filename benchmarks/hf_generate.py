@@ -289,7 +289,9 @@ class PromptBench:
         return GenerateRow(**{**asdict(base), **fields})
 
     def _per_token(self, row: GenerateRow) -> list[float]:
-        return [(a - b) / (self.new_tokens - 1) for a, b in zip(row.t_new_ms, row.t_one_ms)]
+        return [
+            (a - b) / (self.new_tokens - 1) for a, b in zip(row.t_new_ms, row.t_one_ms, strict=True)
+        ]
 
     def _with_ratios(self, row: GenerateRow, hf: GenerateRow | None) -> GenerateRow:
         if row.status != "ok" or hf is None or hf.status != "ok":
@@ -317,7 +319,10 @@ def targets(rows: Sequence[GenerateRow]) -> list[dict[str, Any]]:
     found = []
 
     def add(target: str, value: float | None, in_call: float | None, limit: float) -> None:
-        met = "not measured" if value is None else ("met" if value <= limit else "not met")
+        if value is None or value <= 0:  # failed, or the prefill's noise exceeded the decode
+            met = "not measured" if value is None else "no figure (<= 0: noise)"
+        else:
+            met = "met" if value <= limit else "not met"
         found.append({"target": target, "measured": value, "in-call": in_call, "status": met})
 
     if prompts and any(r.backend == "linear" for r in rows):
@@ -325,7 +330,7 @@ def targets(rows: Sequence[GenerateRow]) -> list[dict[str, Any]]:
         both = short is not None and long is not None
         add(
             f"linear ms/token at N={prompts[-1]} / at N={prompts[0]} <= 1.3",
-            long.ms_per_token / short.ms_per_token if both else None,
+            _div(long.ms_per_token, short.ms_per_token) if both else None,
             _div(long.in_call_ms_per_token, short.in_call_ms_per_token) if both else None,
             1.3,
         )
@@ -347,7 +352,8 @@ def targets(rows: Sequence[GenerateRow]) -> list[dict[str, Any]]:
 
 
 def _div(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+    """a / b of two times; None when either is missing or not positive (then it means nothing)."""
+    return a / b if a is not None and b is not None and a > 0 and b > 0 else None
 
 
 def table_lines(rows: Sequence[GenerateRow]) -> list[dict[str, Any]]:
@@ -378,7 +384,11 @@ def table_lines(rows: Sequence[GenerateRow]) -> list[dict[str, Any]]:
 def markdown(rows: Sequence[GenerateRow], meta: dict[str, Any]) -> str:
     """README.md: the command, the set-up, the table and the targets."""
     found = [
-        {**t, "measured": table.fmt_number(t["measured"]), "in-call": table.fmt_number(t["in-call"])}
+        {
+            **t,
+            "measured": table.fmt_number(t["measured"]),
+            "in-call": table.fmt_number(t["in-call"]),
+        }
         for t in targets(rows)
     ]
     shape = meta["model"]
