@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from effattn.harness.figures import new_figure, save_figure
-from effattn.sweep.report import SECTION
+from effattn.sweep.report import SECTION, section_title
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,12 +38,9 @@ def _ns(frame: pd.DataFrame) -> list[int]:
 
 
 def _section_title(frame: pd.DataFrame) -> str:
+    """The title of the section the frame's rows belong to (effattn.sweep.report)."""
     first = frame.iloc[0]
-    causal = "causal" if first["causal"] else "bidirectional"
-    return (
-        f"{first['mode']} · {first['dtype']} · {first['device']} · B={first['batch']} "
-        f"H={first['heads']} D={first['head_dim']} · {causal} · {first['threads']} threads"
-    )
+    return section_title(tuple(first[k] for k in SECTION))
 
 
 def _band(ax, rows: pd.DataFrame, color: str, stem: str, median: str) -> None:
@@ -176,7 +173,8 @@ def _log_axes(ax, ylabel: str, title: str, ns: list[int]) -> None:
     ax.set_yscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])  # the measured N, written plainly
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("sequence length N")
+    ax.set_xlabel("context N (positions the decoded token sees)" if "decoding" in title
+                  else "sequence length N")  # fmt: skip
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
