@@ -86,8 +86,8 @@ class DecodeState:
         return sum(t.nbytes for t in self.tensors())
 
     def reserve(self, positions: int) -> None:
-        """Make room for ``positions`` in all, so that appending up to them allocates nothing
-        (a K/V cache; the states of a fixed size need no room)."""
+        """Make room for ``positions`` in all, so that appending up to them copies no cache (a
+        K/V cache; the states of a fixed size need no room)."""
 
     def extend(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> None:
         """Add a prompt's keys and values (B, Hkv, c, D) without computing outputs;

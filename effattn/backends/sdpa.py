@@ -55,7 +55,7 @@ class SDPAAttention(Backend):
             out = self.forward(
                 folded, k, v, causal=False, key_padding_mask=key_padding_mask, scale=scale
             )  # (B, Hkv, G*Nq, D)
-            return out.view(batch, heads, q_len, dim)
+            return out.reshape(batch, heads, q_len, dim)  # CUDA kernels return it strided
         gqa = kv_heads != heads
         if key_padding_mask is None and (not causal or q_len == kv_len):
             return F.scaled_dot_product_attention(

@@ -59,13 +59,6 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
     """All rows of the runs, one per point (the last row of a key wins), with derived columns."""
     frame = read_runs(paths)
     not_sweeps = frame["mode"].isna() if "mode" in frame else pd.Series(True, frame.index)
-    for column in ("kv_heads", "kv_n", "state_mib"):
-        if column not in frame:
-            frame[column] = np.nan
-    frame["kv_heads"] = frame["kv_heads"].fillna(frame["heads"]).astype(int)
-    frame["kv_n"] = [_nk(value) for value in frame["kv_n"]]
-    # what the memory tables show: the decoding state for a decoded token, else the peak
-    frame["memory_mib"] = frame["state_mib"].where(frame["mode"] == "decode", frame["peak_mem_mib"])
     if not_sweeps.any():
         run_dir = Path(frame.loc[not_sweeps, "run_dir"].iloc[0])
         raise ValueError(
@@ -73,6 +66,13 @@ def load_runs(paths: Iterable[Path | str]) -> pd.DataFrame:
             f"is `effattn quality --report-only --run-id {run_dir.name} "
             f"--out {run_dir.parent} --report PREFIX`"
         )
+    for column in ("kv_heads", "kv_n", "state_mib"):
+        if column not in frame:
+            frame[column] = np.nan
+    frame["kv_heads"] = frame["kv_heads"].fillna(frame["heads"]).astype(int)
+    frame["kv_n"] = [_nk(value) for value in frame["kv_n"]]
+    # what the memory tables show: the decoding state for a decoded token, else the peak
+    frame["memory_mib"] = frame["state_mib"].where(frame["mode"] == "decode", frame["peak_mem_mib"])
     for stem, median in INTERVALS.items():
         for column in (median, f"{stem}_lo", f"{stem}_hi"):
             if column not in frame:
@@ -206,7 +206,7 @@ def _declarations(backend: str, decode: bool = False) -> tuple[dict[str, str], s
     return {
         "complexity": cls.complexity,
         "class": cls.tay_class,
-        "causal decode": "yes" if cls.supports_causal else "no",
+        "causal decode": "yes" if cls.state_complexity != "-" else "no",  # decode_state
         "exact": "yes" if cls.exact else "no",
     }, cls.state_complexity if decode else cls.memory_complexity
 

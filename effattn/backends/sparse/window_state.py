@@ -1,4 +1,5 @@
-"""The decoding state of sliding-window attention: a ring of the last ``window`` keys and values.
+"""The decoding state of sliding-window attention: the last ``window`` keys and values (a ring in
+effect: each call copies the at most w keys it keeps, O(w) per token, constant in N).
 
 Causal query i keeps keys i - w .. i (inclusive offset w), so new queries at positions
 L..L+c-1 need the last w keys before L and the new ones. Each call runs the backend's own causal
