@@ -181,6 +181,19 @@ def test_cache_refuses_a_model_running_transformers_attention():
         _generate(model, ids, mask, past_key_values=hf.EffattnCache(model))
 
 
+def test_keys_that_never_reach_the_attention_call_are_refused():
+    """A model that changed the keys between cache.update and attention (the layer's tag lost:
+    simulated) would decode over the new keys only: the layer's next update refuses."""
+    model = _llama()
+    model.set_attn_implementation("effattn_sdpa")
+    ids, mask = _left_padded(2, PROMPT, pad=0)
+    with (
+        mock.patch.object(hf, "_decoding_layer", return_value=None),
+        pytest.raises(ValueError, match="never reached an effattn attention call"),
+    ):
+        _generate(model, ids, mask, past_key_values=hf.decoding_cache(model))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"num_beams": 2}, "beam search"), ({"output_attentions": True}, "output_attentions")],

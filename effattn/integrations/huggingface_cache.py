@@ -11,7 +11,9 @@ the model's ``attn_implementation`` runs at that moment (an effattn name). Per l
   the layer; the effattn attention call then appends them to the state and computes the c new
   queries' outputs with it (effattn.attention(..., state=...)). The state is made on that first
   call, where the query heads and the scale are known. transformers' own attention
-  implementations cannot read such a layer: ``update`` refuses a model that runs one.
+  implementations cannot read such a layer: ``update`` refuses a model that runs one, and a
+  layer whose handed-over keys never reached an effattn attention call (a model that changes
+  them on the way, losing the tag) refuses its next ``update`` rather than decode without them.
 - a backend that cannot decode (``lsh``, ``strided``, ``xl``, ...; decode_state's reason is
   warned once) keeps its keys and values like transformers' ``DynamicLayer`` and the attention
   call recomputes the c new queries over all of them, as with transformers' ``DynamicCache``.
@@ -51,6 +53,7 @@ class EffattnLayer(DynamicLayer):
         self.state: DecodeState | None = None  # made by the first attention call (decoding)
         self.decodes = False  # True: an effattn state; False: keys and values (fallback)
         self.seen = 0  # positions added so far
+        self.pending = False  # keys handed over by update() that no attention call took yet
 
     def __repr__(self) -> str:
         kept = self.state if self.decodes else f"keys and values of {self.seen} positions"
@@ -69,10 +72,18 @@ class EffattnLayer(DynamicLayer):
                 f"attn_implementation: expected the backend this cache was filled with "
                 f"({self.backend!r}), got {backend!r}; start generation with a new EffattnCache"
             )
+        if self.decodes and self.pending:
+            raise ValueError(
+                "EffattnCache: the keys this layer handed over at its last update never reached "
+                "an effattn attention call (the model changes them between cache.update and "
+                "attention, e.g. a cast or repeat_kv), so its state would miss them; generate "
+                "with transformers' own cache for this model"
+            )
         self.seen += key_states.shape[2]
         if not self.decodes:
             return super().update(key_states, value_states, *args, **kwargs)
         setattr(key_states, LAYER_TAG, self)
+        self.pending = True
         return key_states, value_states
 
     def attend(
@@ -80,6 +91,7 @@ class EffattnLayer(DynamicLayer):
     ) -> Tensor:
         """The outputs (B, H, c, D) of the new queries q (B, H, c, D), appending k, v
         (B, Hkv, c, D) with key padding ``keep`` (B, c) to the state."""
+        self.pending = False
         if self.state is None:
             batch, heads, _, dim = q.shape
             self.state = effattn.decode_state(
