@@ -162,13 +162,12 @@ def lsh_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         ours = by_label.get((f"{OURS} n_hashes={hashes}", row["mode"]))
         medians = [m for m in cases.round_medians(row) if m is not None]
-        noise = [_iqr(r) / statistics.median(r) for r in row["times_ms"] if r]
         ratio = cases.ratio(row, ours) if ours and ours["status"] == "ok" else None
         lines.append(
             {
                 **line,
                 "time_ms_median": row["time_ms_median"],
-                "time_iqr_over_median": statistics.median(noise),
+                "time_iqr_over_median": cases.noise(row),
                 "time_spread_over_median": (max(medians) - min(medians))
                 / statistics.median(medians),
                 "time_ratio_vs_ours": ratio,
@@ -177,13 +176,6 @@ def lsh_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return lines
-
-
-def _iqr(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return q3 - q1
 
 
 def our_memory(n: int, n_hashes: int, bucket_size: int) -> float:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,25 +129,17 @@ def xl_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["status"] != "ok":
             lines.append({**line, "time_ms_median": f"{row['status']}: {row['reason']}"})
             continue
-        noise = [_iqr(r) / statistics.median(r) for r in row["times_ms"] if r]
         ratio = cases.ratio(row, base) if base["status"] == "ok" else None
         lines.append(
             {
                 **line,
                 "time_ms_median": f"{row['time_ms_median']:.2f}",
-                "IQR/median": f"{statistics.median(noise):.3f}",
+                "IQR/median": f"{cases.noise(row):.3f}",
                 "time ratio vs ours": "" if ratio is None else f"{ratio:.2f}",
                 "peak_mem_mib": f"{row['peak_mem_mib']:.1f}",
             }
         )
     return lines
-
-
-def _iqr(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return q3 - q1
 
 
 def layer_max_diff(q_len: int, mem_len: int) -> float | None:

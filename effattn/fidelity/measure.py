@@ -36,7 +36,6 @@ appends it to the run's results.jsonl).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from effattn.fidelity.model import (
     load_tokenizer,
     register_setting,
 )
-from effattn.harness.store import make_row
+from effattn.harness.store import make_row, point_key
 from effattn.ops import attention_flops, pair_count
 from effattn.registry import BackendSpec, get_backend
 
@@ -126,7 +125,7 @@ class FidelityPoint:
     @property
     def key(self) -> str:
         """A stable identity for resuming: every field, as canonical JSON."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return point_key(self)
 
     @property
     def setting(self) -> Setting:

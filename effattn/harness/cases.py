@@ -261,13 +261,22 @@ def ratio(row: Mapping[str, Any], baseline: Mapping[str, Any]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def _iqr_over_median(values: Sequence[float]) -> float:
+    """IQR / median of ``values`` (0 for a single value)."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (0.0, 0.0, 0.0)
+    return (q3 - q1) / statistics.median(values)
+
+
 def spread(row: Mapping[str, Any]) -> float | None:
     """IQR / median of a row's per-round medians (load changes between rounds); 0 with one."""
     medians = [m for m in round_medians(row) if m is not None]
-    if not medians:
-        return None
-    q1, _, q3 = statistics.quantiles(medians, n=4) if len(medians) > 1 else (0.0, 0.0, 0.0)
-    return (q3 - q1) / statistics.median(medians)
+    return _iqr_over_median(medians) if medians else None
+
+
+def noise(row: Mapping[str, Any]) -> float | None:
+    """Median over rounds of IQR / median of a round's timed runs (noise within a round)."""
+    within = [_iqr_over_median(r) for r in row.get("times_ms") or [] if r]
+    return statistics.median(within) if within else None
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, rounds: int = 3, min_run_s: float = 1.0):

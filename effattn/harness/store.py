@@ -88,6 +88,16 @@ def make_row(
     )
 
 
+def point_key(point: Any, *, unless_none: Sequence[str] = ()) -> str:
+    """A point's identity for resuming: its fields (a dataclass) as canonical JSON, leaving out
+    the fields of ``unless_none`` that are None (axes added later, so older keys still hold)."""
+    fields = dataclasses.asdict(point)
+    for name in unless_none:
+        if fields[name] is None:
+            del fields[name]
+    return json.dumps(fields, sort_keys=True, default=list)
+
+
 class ResultsFile:
     """Append-only JSON lines; reading tolerates (and appending removes) a torn last line."""
 

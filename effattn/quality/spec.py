@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from effattn.harness.presets import find_preset, presets_in, tuple_of
+from effattn.harness.store import point_key
 from effattn.quality.model import ModelConfig
 from effattn.quality.tasks import make_task, task_class
 from effattn.registry import BackendSpec, backend_class, parse_backend_spec
@@ -142,7 +143,7 @@ class QualityPoint:
     @property
     def key(self) -> str:
         """A stable identity for resuming: every field, as canonical JSON."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return point_key(self)
 
     def describe(self) -> str:
         direction = "causal" if self.causal else "bidirectional"

@@ -32,6 +32,7 @@ import torch
 from effattn._validate import FLOAT_DTYPES
 from effattn.backend import dtype_name
 from effattn.harness.presets import find_preset, presets_in, tuple_of
+from effattn.harness.store import point_key
 from effattn.registry import (
     BackendSpec,
     list_backends,
@@ -141,11 +142,7 @@ class Point:
     def key(self) -> str:
         """A stable identity for resuming: the point's fields as canonical JSON (the key
         and value axes left out where they are None, so keys made before they existed hold)."""
-        fields = dataclasses.asdict(self)
-        for name in ("kv_heads", "kv_n"):
-            if fields[name] is None:
-                del fields[name]
-        return json.dumps(fields, sort_keys=True, default=list)
+        return point_key(self, unless_none=("kv_heads", "kv_n"))
 
     @property
     def keys(self) -> int:
